@@ -1,0 +1,17 @@
+"""Typed errors raised by the library; the CLI prints them as one line."""
+
+
+class AtlasError(Exception):
+    """Base class of every error dnd-atlas reports to a user."""
+
+
+class AtlasNotFound(AtlasError):
+    """The path holds no atlas."""
+
+
+class FormatVersionError(AtlasError):
+    """The atlas was written by an incompatible version of dnd-atlas."""
+
+
+class QueryError(AtlasError):
+    """A query is malformed: empty text, unknown model, layer or unit."""
