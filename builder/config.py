@@ -1,0 +1,299 @@
+"""Build configuration: dataclasses that validate themselves.
+
+One TOML file describes a build; ``--set section.key=value`` flags override
+it. The resolved config is saved, whole, in the atlas ``meta`` table so every
+atlas says exactly how it was made. Unknown keys are errors, never ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from builder.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One target model and the probe set it is dissected on."""
+
+    name: str
+    target: str  # registry name, torchvision name, TorchScript file or module:callable
+    probe: str  # image folder (recursive); captions.jsonl beside it is optional
+    layers: tuple[str, ...] = ()
+    target_options: dict[str, Any] = field(default_factory=dict)
+    summary: str = ""  # "" = record.summary
+    vit_tokens: str = "cls"  # cls | patches: how a ViT channel is summarized
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"model name {self.name!r} must be non-empty and contain no '/'")
+        if not self.target:
+            raise ConfigError(f"model {self.name!r}: 'target' is required")
+        if not self.probe:
+            raise ConfigError(f"model {self.name!r}: 'probe' is required")
+        if not self.layers:
+            raise ConfigError(f"model {self.name!r}: 'layers' must name at least one layer")
+        if self.summary not in ("", "mean", "max"):
+            raise ConfigError(f"model {self.name!r}: summary must be 'mean' or 'max'")
+        if self.vit_tokens not in ("cls", "patches"):
+            raise ConfigError(f"model {self.name!r}: vit_tokens must be 'cls' or 'patches'")
+
+
+@dataclass(frozen=True)
+class RecordConfig:
+    """Step 0: recording activations over the probe set."""
+
+    top_k: int = 10  # K
+    margin: int = 3  # keep margin * K per neuron so crops can re-rank
+    summary: str = "mean"  # spatial mean (default) or max
+    batch_size: int = 64
+    num_workers: int = 0  # DataLoader workers reading the probe set
+
+    def __post_init__(self) -> None:
+        _positive(self, "top_k", "margin", "batch_size")
+        if self.summary not in ("mean", "max"):
+            raise ConfigError("record.summary must be 'mean' or 'max'")
+        if self.num_workers < 0:
+            raise ConfigError("record.num_workers must be >= 0")
+
+
+@dataclass(frozen=True)
+class CropConfig:
+    """Step 1: attention crops."""
+
+    enabled: bool = True
+    max_crops: int = 4
+    iou_keep: float = 0.5  # keep a box if IoU <= this with every kept box
+    iou_image: float = 0.8  # ... and IoU < this with the whole image
+    min_size: int = 4  # ignore boxes smaller than this many pixels a side
+
+    def __post_init__(self) -> None:
+        _positive(self, "max_crops")
+        _unit_interval(self, "iou_keep", "iou_image")
+
+
+@dataclass(frozen=True)
+class DescribeConfig:
+    """Step 2: captions, then candidate concepts."""
+
+    captioner: str = "oracle"
+    captioner_options: dict[str, Any] = field(default_factory=dict)
+    summarizer: str = "extractive"
+    summarizer_options: dict[str, Any] = field(default_factory=dict)
+    n_candidates: int = 5  # N
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        _positive(self, "n_candidates", "batch_size")
+
+
+@dataclass(frozen=True)
+class DissectConfig:
+    """Step 3: best concept selection with generated images."""
+
+    enabled: bool = True
+    generator: str = "procedural"
+    generator_options: dict[str, Any] = field(default_factory=dict)
+    images_per_concept: int = 10  # Q
+    beta: int = 5
+    scoring: str = "topk-squared+image-products"
+    prompt_template: str = "generate.txt"  # file in data/prompts, or a path
+    similarity: str = "target-features"
+    similarity_options: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        _positive(self, "images_per_concept", "beta", "batch_size")
+        from builder.scoring import SCORERS
+
+        if self.scoring not in SCORERS:
+            raise ConfigError(
+                f"dissect.scoring {self.scoring!r} is unknown; choose one of {', '.join(SCORERS)}"
+            )
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """Step 4: labels and polysemantic multi-labels."""
+
+    max_labels: int = 3
+    dedup_threshold: float = 0.81  # drop a label this similar to a kept one
+    extra_labels_need_positive_score: bool = True
+
+    def __post_init__(self) -> None:
+        _positive(self, "max_labels")
+        if self.max_labels > 3:
+            raise ConfigError("labels.max_labels is at most 3")
+        _unit_interval(self, "dedup_threshold")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """A whole build: where it goes, the models, and every stage's settings."""
+
+    out: str = "atlas"
+    models: tuple[ModelConfig, ...] = ()
+    embedder: str = "minilm"
+    device: str = "auto"
+    cache_dir: str = ""  # "" = <out>/cache
+    chunk_size: int = 64  # neurons processed together (batched model calls)
+    record: RecordConfig = field(default_factory=RecordConfig)
+    crop: CropConfig = field(default_factory=CropConfig)
+    describe: DescribeConfig = field(default_factory=DescribeConfig)
+    dissect: DissectConfig = field(default_factory=DissectConfig)
+    labels: LabelConfig = field(default_factory=LabelConfig)
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ConfigError("the config names no model: add a [[models]] table")
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"model names must be unique, got {names}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError("device must be auto, cpu, cuda or cuda:N")
+        _positive(self, "chunk_size")
+
+    # -- (de)serialization -------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict that ``from_dict`` turns back into this config."""
+        return _to_jsonable(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BuildConfig:
+        """Build and validate a config; unknown keys raise ConfigError."""
+        data = dict(data)
+        _check_keys(cls, data, "")
+        kwargs: dict[str, Any] = {}
+        sections = {
+            "record": RecordConfig,
+            "crop": CropConfig,
+            "describe": DescribeConfig,
+            "dissect": DissectConfig,
+            "labels": LabelConfig,
+        }
+        for key, value in data.items():
+            if key in sections:
+                if not isinstance(value, dict):
+                    raise ConfigError(f"[{key}] must be a table")
+                _check_keys(sections[key], value, key + ".")
+                kwargs[key] = sections[key](**value)
+            elif key == "models":
+                if not isinstance(value, list):
+                    raise ConfigError("models must be an array of tables ([[models]])")
+                models = []
+                for i, m in enumerate(value):
+                    if not isinstance(m, dict):
+                        raise ConfigError(f"models[{i}] must be a table")
+                    _check_keys(ModelConfig, m, f"models[{i}].")
+                    m = dict(m)
+                    if "layers" in m:
+                        m["layers"] = tuple(m["layers"])
+                    models.append(ModelConfig(**m))
+                kwargs["models"] = tuple(models)
+            else:
+                kwargs[key] = value
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:  # a missing required key
+            raise ConfigError(str(exc)) from exc
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys): saved in the atlas meta."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The parts of the config that change the atlas content (everything
+        but where the output and caches live): used to refuse resuming or
+        merging with a different config."""
+        d = self.to_dict()
+        for key in ("out", "cache_dir", "device", "chunk_size"):
+            d.pop(key, None)
+        d["record"].pop("num_workers", None)
+        d["record"].pop("batch_size", None)
+        d["describe"].pop("batch_size", None)
+        d["dissect"].pop("batch_size", None)
+        return d
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> BuildConfig:
+    """Read a TOML config file (optional) and apply ``section.key=value``
+    overrides (values are parsed as TOML, bare words as strings)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
+    for item in overrides or []:
+        apply_override(data, item)
+    return BuildConfig.from_dict(data)
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Set ``a.b.c=value`` in a nested dict; ``models.0.layers=[...]`` indexes
+    the model list."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    parts = key.strip().split(".")
+    node: Any = data
+    for part in parts[:-1]:
+        if isinstance(node, list):
+            try:
+                node = node[int(part)]
+            except (ValueError, IndexError) as exc:
+                raise ConfigError(f"override {item!r}: no list entry {part!r}") from exc
+        else:
+            node = node.setdefault(part, {})
+    if isinstance(node, list):
+        raise ConfigError(f"override {item!r}: cannot set a list entry")
+    node[parts[-1]] = value
+
+
+def _check_keys(cls: type, data: dict[str, Any], prefix: str) -> None:
+    valid = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in valid:
+            raise ConfigError(
+                f"unknown config key {prefix + key!r} (valid keys: {', '.join(sorted(valid))})"
+            )
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{type(obj).__name__}.{name} must be a positive integer, got {value!r}")
+
+
+def _unit_interval(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+            raise ConfigError(f"{type(obj).__name__}.{name} must be in [0, 1], got {value!r}")
+
+
+def _to_jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_jsonable(v) for v in obj]
+    return obj

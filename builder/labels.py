@@ -1,0 +1,54 @@
+"""Step 4: labels from scored candidates, and the interpretability score."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from builder.scoring import CandidateScore
+
+
+def select_labels(
+    scores: Sequence[CandidateScore],
+    text_embeddings: np.ndarray,
+    max_labels: int = 3,
+    threshold: float = 0.81,
+    need_positive: bool = True,
+) -> list[int]:
+    """Indices of the candidates kept as labels, best first.
+
+    Label 1 is the best-scoring candidate. Further labels (polysemantic
+    multi-labels) are the next best, skipping any whose text similarity to an
+    already kept label exceeds ``threshold``; with ``need_positive`` they must
+    also have a positive score (some of their generated images reached the
+    neuron's top-K), so a monosemantic neuron is not given filler labels.
+    """
+    if not scores:
+        return []
+    order = sorted(range(len(scores)), key=lambda i: (-_finite(scores[i].score), i))
+    kept = [order[0]]
+    for i in order[1:]:
+        if len(kept) >= max_labels:
+            break
+        if need_positive and not scores[i].score > 0:
+            continue
+        sims = text_embeddings[kept] @ text_embeddings[i]
+        if np.all(sims <= threshold):
+            kept.append(i)
+    return kept
+
+
+def interpretability(embeddings: np.ndarray) -> float:
+    """Mean pairwise cosine similarity of the neuron's top-K image embeddings
+    (diagonal excluded): how coherent the images it fires on are."""
+    e = np.asarray(embeddings, dtype=np.float64)
+    n = e.shape[0]
+    if n < 2:
+        return float("nan")
+    sims = e @ e.T
+    return float((sims.sum() - np.trace(sims)) / (n * (n - 1)))
+
+
+def _finite(x: float) -> float:
+    return x if np.isfinite(x) else -np.inf

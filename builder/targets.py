@@ -1,0 +1,167 @@
+"""Target models: what is dissected.
+
+A target is a torch module, a preprocessing callable (PIL image -> tensor)
+and what the builder needs to know about it. It is loaded from a registry
+name (``demo-cnn``, ``planted``), a torchvision model name (``resnet50``,
+``torchvision:resnet50``), a TorchScript file, or ``module:callable``
+returning ``(module, preprocess)`` or a module.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from builder.errors import BackendError, LayerError
+from builder.registry import load_callable, targets
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Target:
+    """A loaded target model, in eval mode on its device."""
+
+    name: str
+    module: torch.nn.Module
+    preprocess: Callable[[Image.Image], torch.Tensor]
+    device: torch.device
+    input_size: tuple[int, int] | None = None  # (w, h) crops are resized to; None = native
+    ground_truth: dict[str, list[list[str]]] = field(default_factory=dict)
+
+    def layer_names(self) -> list[str]:
+        return [n for n, _ in self.module.named_modules() if n]
+
+    def check_layers(self, layers: tuple[str, ...] | list[str]) -> None:
+        """Raise LayerError naming the valid layers if any is unknown."""
+        valid = set(self.layer_names())
+        bad = [lay for lay in layers if lay not in valid]
+        if bad:
+            names = self.layer_names()
+            shown = ", ".join(names[:60]) + (f", ... ({len(names)} in all)" if len(names) > 60 else "")
+            raise LayerError(f"model {self.name!r} has no layer {bad[0]!r}; valid layers: {shown}")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BackendError(f"device {device!r} asked for but CUDA is not available")
+    return torch.device(device)
+
+
+def imagenet_preprocess(size: int = 224, resize: int | None = 256, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Resize, center-crop and normalize: torchvision's classic eval transform."""
+    from torchvision import transforms as T
+
+    steps: list[Any] = []
+    if resize:
+        steps.append(T.Resize(resize))
+    steps += [T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(steps)
+
+
+def load_target(name: str, spec: str, options: dict[str, Any], device: torch.device) -> Target:
+    """Load the target model ``spec`` with ``options`` onto ``device``."""
+    options = dict(options)
+    input_size_opt = options.pop("input_size", None)
+    module, preprocess = _load(spec, options)
+    if not isinstance(module, torch.nn.Module):
+        raise BackendError(f"target {spec!r} did not give a torch.nn.Module")
+    module = module.eval().to(device)
+    if preprocess is None:
+        preprocess = imagenet_preprocess(int(input_size_opt or 224))
+    input_size = (
+        (int(input_size_opt), int(input_size_opt)) if input_size_opt else _infer_input_size(preprocess)
+    )
+    gt = getattr(module, "ground_truth", None)
+    return Target(name, module, preprocess, device, input_size, dict(gt) if isinstance(gt, dict) else {})
+
+
+def _load(spec: str, options: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
+    if spec in targets.names():
+        return _split(targets.create(spec, **options))
+    if spec.startswith("torchvision:") or _is_torchvision_name(spec):
+        return _torchvision(spec.removeprefix("torchvision:"), options)
+    if Path(spec).suffix in (".pt", ".pth", ".ts", ".jit") and Path(spec).is_file():
+        return _torchscript(spec, options)
+    if ":" in spec:
+        fn = load_callable(spec)
+        try:
+            return _split(fn(**options))
+        except TypeError as exc:
+            raise BackendError(f"target {spec!r}: bad options: {exc}") from exc
+    raise BackendError(
+        f"unknown target {spec!r}: give a registered name ({', '.join(targets.names())}), a "
+        "torchvision model name, a TorchScript file or a module:callable path"
+    )
+
+
+def _split(result: Any) -> tuple[torch.nn.Module, Any]:
+    if isinstance(result, tuple) and len(result) == 2:
+        return result[0], result[1]
+    return result, None
+
+
+def _is_torchvision_name(spec: str) -> bool:
+    if ":" in spec or "/" in spec:
+        return False
+    import torchvision
+
+    return spec in torchvision.models.list_models()
+
+
+def _torchvision(name: str, options: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
+    import torchvision
+
+    if name not in torchvision.models.list_models():
+        raise BackendError(f"torchvision has no model {name!r}")
+    weights = options.pop("weights", None)
+    weights_path = options.pop("weights_path", None)
+    try:
+        if weights:
+            enum = torchvision.models.get_model_weights(name)
+            w = enum.DEFAULT if weights == "DEFAULT" else enum[weights]
+            model = torchvision.models.get_model(name, weights=w, **options)
+            preprocess = w.transforms()
+        else:
+            model = torchvision.models.get_model(name, weights=None, **options)
+            preprocess = None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BackendError(f"torchvision model {name!r}: {exc}") from exc
+    if weights_path:
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    return model, preprocess
+
+
+def _torchscript(path: str, options: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
+    try:
+        module = torch.jit.load(path, map_location="cpu")
+    except (RuntimeError, ValueError) as exc:
+        raise BackendError(f"{path}: not a TorchScript file: {exc}") from exc
+    mean = tuple(options.pop("mean", IMAGENET_MEAN))
+    std = tuple(options.pop("std", IMAGENET_STD))
+    size = int(options.pop("size", 224))
+    return module, imagenet_preprocess(size, options.pop("resize", int(size * 256 / 224)), mean, std)
+
+
+def _infer_input_size(preprocess: Callable[[Image.Image], torch.Tensor]) -> tuple[int, int] | None:
+    """(w, h) when the preprocessing always yields one size, else None (the
+    model takes images at their own size, and crops are resized to that of
+    their source image)."""
+    a = preprocess(Image.new("RGB", (97, 71)))
+    b = preprocess(Image.new("RGB", (130, 151)))
+    if tuple(a.shape) == tuple(b.shape):
+        return int(a.shape[-1]), int(a.shape[-2])
+    return None

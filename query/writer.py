@@ -1,0 +1,228 @@
+"""Writing an atlas: the builder's only way into the format ``query`` owns.
+
+Every neuron is written in one transaction (its row, labels, label vectors,
+candidates, evidence, captions and call counts), after deleting whatever an
+earlier, interrupted attempt left, so a crash loses at most the neuron in
+flight and a rerun is idempotent.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+
+from query.errors import AtlasError
+from query.schema import DB_FILE, IMAGES_DIR, label_id, migrate
+
+
+@dataclass(frozen=True)
+class LabelRow:
+    rank: int
+    text: str
+    concept_score: float | None
+    vector: np.ndarray  # L2-normalized embedding (meta.embedder)
+
+
+@dataclass(frozen=True)
+class CandidateRow:
+    position: int
+    concept: str
+    topk_squared: float | None
+    image_products: float | None
+    score: float | None
+    selected_rank: int | None
+    samples: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EvidenceRow:
+    rank: int
+    source: str
+    box: tuple[int, int, int, int] | None
+    activation: float
+    thumbnail: str
+    caption_key: str | None = None
+    caption: str | None = None
+    captioner: str | None = None
+
+
+@dataclass(frozen=True)
+class NeuronResult:
+    """Everything the atlas stores about one neuron."""
+
+    model: str
+    layer: str
+    unit: int
+    status: str  # ok | dead | failed
+    reason: str | None = None
+    max_activation: float | None = None
+    interpretability: float | None = None
+    labels: tuple[LabelRow, ...] = ()
+    candidates: tuple[CandidateRow, ...] = ()
+    evidence: tuple[EvidenceRow, ...] = ()
+    calls: dict[str, tuple[int, int]] = field(default_factory=dict)  # stage -> (calls, cached)
+
+
+_NEURON_TABLES = ("neurons", "labels", "candidates", "evidence", "call_counts")
+
+
+class AtlasWriter:
+    """An atlas opened for writing (creating and migrating it if needed)."""
+
+    def __init__(self, atlas_dir: str | Path) -> None:
+        self.dir = Path(atlas_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / IMAGES_DIR).mkdir(exist_ok=True)
+        try:
+            self.con = duckdb.connect(str(self.dir / DB_FILE))
+        except duckdb.Error as exc:
+            raise AtlasError(f"cannot open {self.dir / DB_FILE} for writing: {exc}") from exc
+        migrate(self.con)
+
+    # -- meta, models, layers ------------------------------------------------
+    def meta(self) -> dict[str, Any]:
+        return {k: json.loads(v) for k, v in self.con.execute("SELECT key, value FROM meta").fetchall()}
+
+    def set_meta(self, **values: Any) -> None:
+        self._tx(
+            lambda: [
+                self.con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [k, json.dumps(v, sort_keys=True)])
+                for k, v in values.items()
+            ]
+        )
+
+    def upsert_model(
+        self, model: str, target: str, probe: str, n_images: int, n_skipped: int, config: dict[str, Any],
+        layers: Sequence[tuple[str, str, int]],
+    ) -> None:
+        """The model row and its layers (name, kind, n_units), in order."""
+
+        def work() -> None:
+            self.con.execute("DELETE FROM models WHERE model = ?", [model])
+            self.con.execute(
+                "INSERT INTO models VALUES (?, ?, ?, ?, ?, ?)",
+                [model, target, probe, n_images, n_skipped, json.dumps(config, sort_keys=True)],
+            )
+            self.con.execute("DELETE FROM layers WHERE model = ?", [model])
+            for pos, (layer, kind, n_units) in enumerate(layers):
+                self.con.execute("INSERT INTO layers VALUES (?, ?, ?, ?, ?)", [model, layer, pos, kind, n_units])
+
+        self._tx(work)
+
+    def done_units(self, model: str) -> set[tuple[str, int]]:
+        """(layer, unit) of every neuron already written for ``model``."""
+        rows = self.con.execute("SELECT layer, unit FROM neurons WHERE model = ?", [model]).fetchall()
+        return {(layer, int(unit)) for layer, unit in rows}
+
+    def set_stage_time(self, model: str, stage: str, seconds: float) -> None:
+        self._tx(lambda: self.con.execute(
+            "INSERT OR REPLACE INTO stage_times VALUES (?, ?, ?)", [model, stage, float(seconds)]
+        ))
+
+    def add_stage_time(self, model: str, stage: str, seconds: float) -> None:
+        row = self.con.execute(
+            "SELECT seconds FROM stage_times WHERE model = ? AND stage = ?", [model, stage]
+        ).fetchone()
+        self.set_stage_time(model, stage, (row[0] if row else 0.0) + seconds)
+
+    # -- neurons ---------------------------------------------------------------
+    def write_neurons(self, results: Iterable[NeuronResult]) -> None:
+        """Write each neuron in its own transaction."""
+        for r in results:
+            self._tx(lambda r=r: self._write(r))
+
+    def _write(self, r: NeuronResult) -> None:
+        key = [r.model, r.layer, r.unit]
+        for table in _NEURON_TABLES:
+            self.con.execute(f"DELETE FROM {table} WHERE model = ? AND layer = ? AND unit = ?", key)
+        ids = [label_id(r.model, r.layer, r.unit, lab.rank) for lab in r.labels]
+        if ids:
+            self.con.execute(
+                f"DELETE FROM label_vectors WHERE label_id IN ({','.join('?' * len(ids))})", ids
+            )
+        self.con.execute(
+            "INSERT INTO neurons VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [*key, r.status, r.reason, _f(r.max_activation), _f(r.interpretability)],
+        )
+        for lid, lab in zip(ids, r.labels):
+            self.con.execute(
+                "INSERT INTO labels VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [lid, *key, lab.rank, lab.text, _f(lab.concept_score), _f(r.interpretability)],
+            )
+        if r.labels:
+            self._insert_vectors(ids, np.stack([lab.vector for lab in r.labels]))
+        for c in r.candidates:
+            self.con.execute(
+                "INSERT INTO candidates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [*key, c.position, c.concept, _f(c.topk_squared), _f(c.image_products), _f(c.score),
+                 c.selected_rank, json.dumps(list(c.samples))],
+            )
+        for e in r.evidence:
+            box = list(e.box) if e.box else [None] * 4
+            if e.caption_key and e.caption is not None:
+                self.con.execute(
+                    "INSERT OR IGNORE INTO captions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [e.caption_key, e.source, *box, e.captioner or "", e.caption],
+                )
+            self.con.execute(
+                "INSERT INTO evidence VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [*key, e.rank, e.source, *box, float(e.activation), e.thumbnail, e.caption_key],
+            )
+        for stage, (calls, cached) in sorted(r.calls.items()):
+            self.con.execute("INSERT INTO call_counts VALUES (?, ?, ?, ?, ?, ?)", [*key, stage, calls, cached])
+
+    def _insert_vectors(self, ids: list[int], vectors: np.ndarray) -> None:
+        # One bulk insert through Arrow: row-by-row executemany of vectors is
+        # ~80x slower in DuckDB.
+        import pyarrow as pa
+
+        v = np.ascontiguousarray(vectors, dtype=np.float32)
+        table = pa.table({
+            "label_id": pa.array(ids, type=pa.int64()),
+            "vec": pa.ListArray.from_arrays(
+                pa.array(np.arange(0, v.size + 1, v.shape[1], dtype=np.int32)), pa.array(v.ravel())
+            ),
+        })
+        self.con.register("_new_vectors", table)
+        try:
+            self.con.execute("INSERT INTO label_vectors SELECT label_id, vec FROM _new_vectors")
+        finally:
+            self.con.unregister("_new_vectors")
+
+    # -- plumbing --------------------------------------------------------------
+    def _tx(self, work) -> None:
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            work()
+            self.con.execute("COMMIT")
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+
+    def checkpoint(self) -> None:
+        self.con.execute("CHECKPOINT")
+
+    def close(self) -> None:
+        try:
+            self.con.execute("CHECKPOINT")
+        finally:
+            self.con.close()
+
+    def __enter__(self) -> AtlasWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _f(x: float | None) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return x if np.isfinite(x) else None
