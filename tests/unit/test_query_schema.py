@@ -1,0 +1,82 @@
+"""Golden test of the atlas schema: changing a table without a migration fails here."""
+
+import duckdb
+import pytest
+
+from query.errors import FormatVersionError
+from query.schema import FORMAT_VERSION, current_version, label_id, migrate
+
+EXPECTED = {
+    "call_counts": [
+        ("model", "VARCHAR"), ("layer", "VARCHAR"), ("unit", "INTEGER"), ("stage", "VARCHAR"),
+        ("calls", "BIGINT"), ("cached", "BIGINT"),
+    ],
+    "candidates": [
+        ("model", "VARCHAR"), ("layer", "VARCHAR"), ("unit", "INTEGER"), ("position", "INTEGER"),
+        ("concept", "VARCHAR"), ("topk_squared", "DOUBLE"), ("image_products", "DOUBLE"),
+        ("score", "DOUBLE"), ("selected_rank", "INTEGER"), ("samples", "VARCHAR"),
+    ],
+    "captions": [
+        ("caption_key", "VARCHAR"), ("source", "VARCHAR"), ("x0", "INTEGER"), ("y0", "INTEGER"),
+        ("x1", "INTEGER"), ("y1", "INTEGER"), ("captioner", "VARCHAR"), ("text", "VARCHAR"),
+    ],
+    "evidence": [
+        ("model", "VARCHAR"), ("layer", "VARCHAR"), ("unit", "INTEGER"), ("rank", "INTEGER"),
+        ("source", "VARCHAR"), ("x0", "INTEGER"), ("y0", "INTEGER"), ("x1", "INTEGER"),
+        ("y1", "INTEGER"), ("activation", "DOUBLE"), ("thumbnail", "VARCHAR"),
+        ("caption_key", "VARCHAR"),
+    ],
+    "label_vectors": [("label_id", "BIGINT"), ("vec", "FLOAT[]")],
+    "labels": [
+        ("label_id", "BIGINT"), ("model", "VARCHAR"), ("layer", "VARCHAR"), ("unit", "INTEGER"),
+        ("rank", "INTEGER"), ("text", "VARCHAR"), ("concept_score", "DOUBLE"),
+        ("interpretability", "DOUBLE"),
+    ],
+    "layers": [
+        ("model", "VARCHAR"), ("layer", "VARCHAR"), ("position", "INTEGER"), ("kind", "VARCHAR"),
+        ("n_units", "INTEGER"),
+    ],
+    "meta": [("key", "VARCHAR"), ("value", "VARCHAR")],
+    "models": [
+        ("model", "VARCHAR"), ("target", "VARCHAR"), ("probe", "VARCHAR"),
+        ("n_probe_images", "INTEGER"), ("n_skipped_images", "INTEGER"), ("config", "VARCHAR"),
+    ],
+    "neurons": [
+        ("model", "VARCHAR"), ("layer", "VARCHAR"), ("unit", "INTEGER"), ("status", "VARCHAR"),
+        ("reason", "VARCHAR"), ("max_activation", "DOUBLE"), ("interpretability", "DOUBLE"),
+    ],
+    "stage_times": [("model", "VARCHAR"), ("stage", "VARCHAR"), ("seconds", "DOUBLE")],
+}
+
+
+def _columns(con):
+    rows = con.execute(
+        "SELECT table_name, column_name, data_type FROM information_schema.columns "
+        "WHERE table_schema = 'main' ORDER BY table_name, ordinal_position"
+    ).fetchall()
+    out: dict[str, list[tuple[str, str]]] = {}
+    for table, column, dtype in rows:
+        out.setdefault(table, []).append((column, dtype))
+    return out
+
+
+def test_schema_golden():
+    con = duckdb.connect()
+    assert migrate(con) == FORMAT_VERSION == 1
+    assert _columns(con) == EXPECTED
+    assert current_version(con) == FORMAT_VERSION
+
+
+def test_migrate_is_idempotent_and_refuses_newer():
+    con = duckdb.connect()
+    migrate(con)
+    assert migrate(con) == FORMAT_VERSION
+    con.execute("UPDATE meta SET value = ? WHERE key = 'format_version'", [str(FORMAT_VERSION + 1)])
+    with pytest.raises(FormatVersionError, match="newer"):
+        migrate(con)
+
+
+def test_label_id_is_stable_and_63_bit():
+    assert label_id("m", "layer1", 3, 1) == label_id("m", "layer1", 3, 1)
+    assert label_id("m", "layer1", 3, 1) != label_id("m", "layer1", 3, 2)
+    assert 0 <= label_id("m", "layer1", 3, 1) < 2**63
