@@ -452,6 +452,11 @@ def render_full(scene: Scene) -> Rendering:
         img += fill * ck[..., None]
     image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
     masks = cov[1:] >= 0.5
+    # A pixel split exactly in half between two objects goes to the front one.
+    taken = np.zeros((size, size), dtype=bool)
+    for k in range(n - 1, -1, -1):
+        masks[k] &= ~taken
+        taken |= masks[k]
     pure = cov.max(axis=0) >= 1.0
     return Rendering(image, masks, pure, cov)
 
@@ -459,7 +464,8 @@ def render_full(scene: Scene) -> Rendering:
 def render(scene: Scene) -> tuple[Image.Image, np.ndarray]:
     """Render ``scene`` -> (RGB PIL image, visible masks (n_objects, H, W)
     bool). A mask pixel is set when at least half of that pixel is covered by
-    the visible (not occluded) part of the object."""
+    the visible (not occluded) part of the object; masks never overlap (an
+    exact half-half split goes to the object in front)."""
     r = render_full(scene)
     return Image.fromarray(r.image, "RGB"), r.masks
 
@@ -469,11 +475,11 @@ def render(scene: Scene) -> tuple[Image.Image, np.ndarray]:
 _COUNT = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 _BG_ON = {
     "plain": "on a plain background",
-    "sky": "against a blue sky",
+    "sky": "against the sky",
     "grass": "on grass",
     "brick": "on a brick wall",
 }
-_BG_NOUN = {"plain": "a plain background", "sky": "a blue sky", "grass": "grass", "brick": "a brick wall"}
+_BG_NOUN = {"plain": "a plain background", "sky": "the sky", "grass": "grass", "brick": "a brick wall"}
 _BG_PATCH = {
     "plain": "a plain background",
     "sky": "a patch of sky",
@@ -523,7 +529,9 @@ def caption(
     * Objects are named in drawing order with their color, pattern (solid is
       usually left out) and shape; size words (small/large) appear in some
       captions; two or more objects get a spatial relation (above, below,
-      left of, right of, next to) between the first two named.
+      left of, right of, next to; from the object centers) between the first
+      two named. No word of the caption names a concept the named objects
+      and the background do not have (the sky is "the sky", not "blue").
     * Objects with no visible pixel are never named.
     * With ``box`` = (x0, y0, x1, y1) in pixels (x1, y1 exclusive): an object
       is named when at least 50% of its visible mask pixels lie inside the
@@ -562,16 +570,15 @@ def caption(
         body = f"{descs[0]} {_relation(objs[0], objs[1])} {descs[1]}"
         if len(objs) > 2:
             body += ", and " + ", ".join(descs[2:])
-    listing = descs[0] if len(descs) == 1 else ", ".join(descs[:-1]) + " and " + descs[-1]
     n = len(objs)
     noun = "object" if n == 1 else "objects"
     if not mention_bg:
-        templates = [body, f"a close-up of {body}", f"{_COUNT.get(n, str(n))} {noun}: {listing}"]
+        templates = [body, f"a close-up of {body}", f"{_COUNT.get(n, str(n))} {noun}: {body}"]
     else:
         templates = [
             f"{body} {bg_on}",
-            f"{_COUNT.get(n, str(n))} {noun} {bg_on}: {listing}",
+            f"{_COUNT.get(n, str(n))} {noun} {bg_on}: {body}",
             f"a picture of {body} {bg_on}",
-            f"{_BG_NOUN[scene.background]} with {listing}",
+            f"{_BG_NOUN[scene.background]} with {body}",
         ]
     return rng.choice(templates)

@@ -1,0 +1,75 @@
+"""The oracle captioner: exact captions of synthetic probe images (or crops
+of them) from the render metadata, so the Describe stage has no captioning
+error and label quality measures the rest of the pipeline."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from builder.backends import CaptionItem, Captioner
+from builder.errors import BackendError
+from builder.registry import captioners
+from builder.synthetic.probe import load_masks, load_world_index, read_manifest
+from builder.synthetic.world import Scene, caption
+
+
+class OracleCaptioner(Captioner):
+    """Captions items whose ``source`` is a file of the synthetic probe set in
+    ``probe_dir`` (relative to it, like "images/00000.png", or an absolute
+    path inside it) with ``world.caption(scene, masks, item.box)``."""
+
+    name = "oracle"
+
+    def __init__(self, probe_dir: str | Path) -> None:
+        self.root = Path(probe_dir).resolve()
+        manifest = read_manifest(self.root)
+        if manifest is None:
+            raise BackendError(f"oracle captioner: {self.root} is not a synthetic probe set")
+        self.manifest = manifest
+        self._index = load_world_index(self.root)
+        self._masks: dict[str, np.ndarray] = {}
+
+    def config_key(self) -> dict[str, Any]:
+        """Name plus the world manifest (n, size, seed, format version)."""
+        return {"name": self.name, "world": self.manifest}
+
+    def _key(self, source: str) -> str:
+        p = Path(source)
+        if p.is_absolute():
+            try:
+                p = p.resolve().relative_to(self.root)
+            except ValueError:
+                raise BackendError(
+                    f"oracle captioner: {source!r} is not inside the probe set {self.root}"
+                ) from None
+        key = p.as_posix()
+        if key not in self._index:
+            raise BackendError(
+                f"oracle captioner: {source!r} is not an image of the probe set {self.root}"
+            )
+        return key
+
+    def scene_of(self, source: str) -> Scene:
+        """The scene rendered in probe file ``source``."""
+        return self._index[self._key(source)][0]
+
+    def caption(self, items: Sequence[CaptionItem]) -> list[str]:
+        """One exact caption per item (the crop's when ``item.box`` is set)."""
+        out = []
+        for item in items:
+            key = self._key(item.source)
+            scene = self._index[key][0]
+            if key not in self._masks:
+                self._masks[key] = load_masks(self.root, key)
+            out.append(caption(scene, self._masks[key], item.box))
+        return out
+
+
+@captioners.register("oracle")
+def oracle_captioner(probe_dir: str) -> OracleCaptioner:
+    """Captioner factory: the oracle over the synthetic probe set ``probe_dir``."""
+    return OracleCaptioner(probe_dir)
