@@ -36,7 +36,8 @@ class Target:
     preprocess: Callable[[Image.Image], torch.Tensor]
     device: torch.device
     input_size: tuple[int, int] | None = None  # (w, h) crops are resized to; None = native
-    ground_truth: dict[str, list[list[str]]] = field(default_factory=dict)
+    # {layer: {"role": "output" | "planted", "concepts": [[term, ...] per unit]}}, when known
+    ground_truth: dict[str, dict] = field(default_factory=dict)
 
     def layer_names(self) -> list[str]:
         return [n for n, _ in self.module.named_modules() if n]

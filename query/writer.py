@@ -139,43 +139,48 @@ class AtlasWriter:
 
     def _write(self, r: NeuronResult) -> None:
         key = [r.model, r.layer, r.unit]
-        for table in _NEURON_TABLES:
-            self.con.execute(f"DELETE FROM {table} WHERE model = ? AND layer = ? AND unit = ?", key)
+        exists = self.con.execute(
+            "SELECT count(*) FROM neurons WHERE model = ? AND layer = ? AND unit = ?", key
+        ).fetchone()[0]
+        if exists:  # rows of other tables exist only beside a neurons row (same transaction)
+            for table in _NEURON_TABLES:
+                self.con.execute(f"DELETE FROM {table} WHERE model = ? AND layer = ? AND unit = ?", key)
+            self.con.execute(
+                "DELETE FROM label_vectors WHERE label_id IN (SELECT label_id FROM labels "
+                "WHERE model = ? AND layer = ? AND unit = ?)", key
+            )
         ids = [label_id(r.model, r.layer, r.unit, lab.rank) for lab in r.labels]
-        if ids:
-            self.con.execute(
-                f"DELETE FROM label_vectors WHERE label_id IN ({','.join('?' * len(ids))})", ids
-            )
-        self.con.execute(
-            "INSERT INTO neurons VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [*key, r.status, r.reason, _f(r.max_activation), _f(r.interpretability)],
-        )
-        for lid, lab in zip(ids, r.labels):
-            self.con.execute(
-                "INSERT INTO labels VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [lid, *key, lab.rank, lab.text, _f(lab.concept_score), _f(r.interpretability)],
-            )
+        self._insert("neurons", [[*key, r.status, r.reason, _f(r.max_activation), _f(r.interpretability)]])
+        self._insert("labels", [
+            [lid, *key, lab.rank, lab.text, _f(lab.concept_score), _f(r.interpretability)]
+            for lid, lab in zip(ids, r.labels)
+        ])
         if r.labels:
             self._insert_vectors(ids, np.stack([lab.vector for lab in r.labels]))
-        for c in r.candidates:
-            self.con.execute(
-                "INSERT INTO candidates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [*key, c.position, c.concept, _f(c.topk_squared), _f(c.image_products), _f(c.score),
-                 c.selected_rank, json.dumps(list(c.samples))],
-            )
+        self._insert("candidates", [
+            [*key, c.position, c.concept, _f(c.topk_squared), _f(c.image_products), _f(c.score),
+             c.selected_rank, json.dumps(list(c.samples))]
+            for c in r.candidates
+        ])
+        caps, evs = [], []
         for e in r.evidence:
             box = list(e.box) if e.box else [None] * 4
             if e.caption_key and e.caption is not None:
-                self.con.execute(
-                    "INSERT OR IGNORE INTO captions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [e.caption_key, e.source, *box, e.captioner or "", e.caption],
-                )
-            self.con.execute(
-                "INSERT INTO evidence VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [*key, e.rank, e.source, *box, float(e.activation), e.thumbnail, e.caption_key],
-            )
-        for stage, (calls, cached) in sorted(r.calls.items()):
-            self.con.execute("INSERT INTO call_counts VALUES (?, ?, ?, ?, ?, ?)", [*key, stage, calls, cached])
+                caps.append([e.caption_key, e.source, *box, e.captioner or "", e.caption])
+            evs.append([*key, e.rank, e.source, *box, float(e.activation), e.thumbnail, e.caption_key])
+        self._insert("captions", caps, or_ignore=True)
+        self._insert("evidence", evs)
+        self._insert("call_counts", [[*key, stage, c, h] for stage, (c, h) in sorted(r.calls.items())])
+
+    def _insert(self, table: str, rows: list[list[Any]], or_ignore: bool = False) -> None:
+        """All rows in one multi-row INSERT (one statement, not one per row)."""
+        if not rows:
+            return
+        width = len(rows[0])
+        one = "(" + ",".join("?" * width) + ")"
+        verb = "INSERT OR IGNORE" if or_ignore else "INSERT"
+        self.con.execute(f"{verb} INTO {table} VALUES {','.join([one] * len(rows))}",
+                         [v for row in rows for v in row])
 
     def _insert_vectors(self, ids: list[int], vectors: np.ndarray) -> None:
         # One bulk insert through Arrow: row-by-row executemany of vectors is
