@@ -205,6 +205,12 @@ COMMANDS: list[Command] = [
     Command("neuron", "show everything the atlas knows about one neuron", _add_neuron, _run_neuron),
     Command("info", "summarize an atlas: models, layers, statuses, call counts", _add_info,
             _run_info),
+    Command("build", "run the Describe-and-Dissect pipeline and write (or resume) an atlas",
+            lazy("builder.cli:add_build_arguments"), lazy("builder.cli:run_build")),
+    Command("demo", "render the synthetic world and build the demo atlas, offline",
+            lazy("builder.cli:add_demo_arguments"), lazy("builder.cli:run_demo")),
+    Command("eval", "ground-truth metrics of a synthetic-world atlas",
+            lazy("builder.cli:add_eval_arguments"), lazy("builder.cli:run_eval")),
     # -- Commands owned by other packages ------------------------------------------------
     # `build`, `demo`, `eval`, `site` (and later `classify`, `serve`, `bench`) are added
     # HERE, one line each, with their functions imported lazily so that `query` keeps

@@ -1,0 +1,1 @@
+"""Renders an atlas into an mkdocs-material project and builds the static site."""

@@ -1,0 +1,113 @@
+"""Command-line handlers of the builder (``build``, ``demo``, ``eval``).
+
+Registered in ``query.cli.COMMANDS`` through lazy imports; the argument
+functions import nothing heavy, so ``dnd-atlas search`` never loads torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+DEMO_SEARCHES = ("red circle", "striped pattern", "checkered")
+
+
+def add_build_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML build config (see README: Configuration)")
+    p.add_argument("--out", help="atlas directory (overrides the config's `out`)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides the config)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set record.top_k=20 (repeatable)")
+    p.add_argument("--no-cache", action="store_true", help="ignore cached results (still writes them)")
+    p.add_argument("--json", action="store_true", help="print the build summary as JSON")
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from builder.build import build
+    from builder.config import load_config
+    from builder.errors import ConfigError
+
+    overrides = list(args.overrides)
+    if args.out:
+        overrides.append(f"out={json.dumps(args.out)}")
+    if args.device:
+        overrides.append(f"device={json.dumps(args.device)}")
+    if not args.config and not overrides:
+        raise ConfigError("build needs --config FILE.toml (or --set keys describing the models)")
+    cfg = load_config(args.config, overrides)
+    return _run(lambda: build(cfg, cache_enabled=not args.no_cache), args.json, cfg.out)
+
+
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="demo", help="folder for the probe set and the atlas (default: demo)")
+    p.add_argument("--probe-images", type=int, default=5000, help="synthetic probe images (default 5000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic probe set")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key of the demo build (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the build summary as JSON")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from builder.demo import run_demo as demo
+
+    if args.probe_images < 20:
+        from builder.errors import ConfigError
+
+        raise ConfigError("--probe-images must be at least 20")
+    rc = _run(lambda: demo(args.out, args.probe_images, args.seed, args.overrides), args.json, args.out)
+    if rc == 0 and not args.json:
+        _print_examples(f"{args.out}/atlas")
+    return rc
+
+
+def _print_examples(atlas: str) -> None:
+    from query import Atlas
+
+    print(f"\nthe demo atlas is in {atlas}; try:")
+    with Atlas.open(atlas) as a:
+        for q in DEMO_SEARCHES:
+            print(f"\n  dnd-atlas search {atlas} \"{q}\" -k 3")
+            for hit in a.search(q, k=3):
+                print(f"    {hit.model}/{hit.layer}/{hit.unit}: {'; '.join(hit.labels)}  (similarity {hit.similarity:.2f})")
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("atlas", help="atlas directory")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--no-mpnet", action="store_true", help="skip the MPNet cosine (no MPNet installed)")
+    p.add_argument("--units", action="store_true", help="also list every evaluated unit")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from builder.evaluate import evaluate_synthetic
+
+    res = evaluate_synthetic(args.atlas, mpnet=not args.no_mpnet)
+    if not args.units:
+        res.pop("units")
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    fl, pl = res["final_layer"], res["planted"]
+
+    def fmt(x):
+        return "-" if x is None else f"{x:.3f}"
+
+    print(f"final layer ({fl['units']} output units): match {fmt(fl['match_rate'])}, exact {fmt(fl['exact_rate'])}, "
+          f"MPNet cos {fmt(fl['mpnet_cos'])}, MiniLM cos {fmt(fl['minilm_cos'])}")
+    print(f"planted: single-concept units {pl['single_units']}: match {fmt(pl['single_match_rate'])}; "
+          f"two-concept units {pl['double_units']}: both concepts among labels {fmt(pl['double_match_rate'])}")
+    for u in res.get("units", []):
+        mark = "ok " if u["match"] else "MISS"
+        print(f"  {mark} {u['model']}/{u['layer']}/{u['unit']}: {'+'.join(u['concepts'])} -> {'; '.join(u['labels'])}")
+    return 0
+
+
+def _run(work, as_json: bool, out: str) -> int:
+    try:
+        summary = work()
+    except KeyboardInterrupt:
+        print(f"dnd-atlas: interrupted; run the same command again to resume {out}", file=sys.stderr)
+        return 130
+    print(json.dumps(summary.to_dict(), indent=2) if as_json else summary.text())
+    return 0
