@@ -290,6 +290,7 @@ def _build_model(
             chunk = live[start : start + cfg.chunk_size]
             ctx.process_chunk(chunk, {n: evidence[n] for n in chunk}, {n: crop_calls.get(n, (0, 0)) for n in chunk})
             bar.update(len(chunk))
+            log.info("%s: wrote %d of %d neurons", m.name, min(start + len(chunk), len(live)), len(live))
     finally:
         bar.close()
         for stage, secs in ms.seconds.items():
