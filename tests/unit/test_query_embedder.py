@@ -39,7 +39,8 @@ def test_unknown_names(tmp_path):
 
 def test_small_batches_use_one_thread(monkeypatch):
     monkeypatch.delenv("DND_ATLAS_EMBED_THREADS", raising=False)
-    assert emb._threads_for(1) == 1 and emb._threads_for(emb.SMALL_BATCH + 1) is None
+    monkeypatch.setattr(emb.os, "cpu_count", lambda: 8)
+    assert emb._threads_for(1) == 1 and emb._threads_for(emb.SMALL_BATCH + 1) == 4
     monkeypatch.setenv("DND_ATLAS_EMBED_THREADS", "3")
     assert emb._threads_for(1) == 3
 
