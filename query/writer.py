@@ -18,6 +18,7 @@ import duckdb
 import numpy as np
 
 from query.errors import AtlasError
+from query.index import insert_label_vectors
 from query.schema import DB_FILE, IMAGES_DIR, label_id, migrate
 
 
@@ -183,22 +184,7 @@ class AtlasWriter:
                          [v for row in rows for v in row])
 
     def _insert_vectors(self, ids: list[int], vectors: np.ndarray) -> None:
-        # One bulk insert through Arrow: row-by-row executemany of vectors is
-        # ~80x slower in DuckDB.
-        import pyarrow as pa
-
-        v = np.ascontiguousarray(vectors, dtype=np.float32)
-        table = pa.table({
-            "label_id": pa.array(ids, type=pa.int64()),
-            "vec": pa.ListArray.from_arrays(
-                pa.array(np.arange(0, v.size + 1, v.shape[1], dtype=np.int32)), pa.array(v.ravel())
-            ),
-        })
-        self.con.register("_new_vectors", table)
-        try:
-            self.con.execute("INSERT INTO label_vectors SELECT label_id, vec FROM _new_vectors")
-        finally:
-            self.con.unregister("_new_vectors")
+        insert_label_vectors(self.con, ids, vectors)
 
     # -- plumbing --------------------------------------------------------------
     def _tx(self, work) -> None:
