@@ -1,0 +1,30 @@
+"""Docs coverage: every CLI command and every config key is in README.md."""
+
+import dataclasses
+import re
+from pathlib import Path
+
+from builder.config import BuildConfig, CropConfig, DescribeConfig, DissectConfig, LabelConfig, ModelConfig, RecordConfig
+from query.cli import COMMANDS
+
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+
+
+def test_every_command_is_documented():
+    for cmd in COMMANDS:
+        assert re.search(rf"dnd-atlas {cmd.name}\b", README), f"README lacks `dnd-atlas {cmd.name}`"
+
+
+def test_every_config_key_is_documented():
+    sections = {"record": RecordConfig, "crop": CropConfig, "describe": DescribeConfig,
+                "dissect": DissectConfig, "labels": LabelConfig}
+    for f in dataclasses.fields(BuildConfig):
+        assert re.search(rf"^{f.name}\b|^\[{f.name}\]|^\[\[{f.name}\]\]", README, re.M), f"README lacks {f.name}"
+    for cls in [ModelConfig, *sections.values()]:
+        for f in dataclasses.fields(cls):
+            assert re.search(rf"^{f.name} = ", README, re.M), f"README lacks config key {cls.__name__}.{f.name}"
+
+
+def test_quick_start_is_the_two_commands():
+    quick = README.split("## Quick start", 1)[1].split("##", 1)[0]
+    assert re.findall(r"^make \w+", quick, re.M) == ["make demo", "make test"]
