@@ -26,10 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from builder import captioners as _captioners  # noqa: F401  (registers backends)
-from builder import similarity as _similarity  # noqa: F401
-from builder import summarize as _summarize  # noqa: F401
-from builder import synthetic as _synthetic  # noqa: F401
+from builder import plugins as _plugins  # noqa: F401  (registers the built-in backends)
 from builder.backends import CaptionItem, Captioner, Generator, Similarity, Summarizer
 from builder.cache import ContentCache, content_key, file_digest, pack_arrays, unpack_arrays
 from builder.config import BuildConfig, ModelConfig

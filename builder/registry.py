@@ -22,6 +22,7 @@ class Registry:
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._factories: dict[str, Callable[..., Any]] = {}
+        self._lazy: dict[str, str] = {}
 
     def register(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator: register ``factory`` under ``name``; refuses duplicates."""
@@ -34,14 +35,24 @@ class Registry:
 
         return deco
 
+    def register_lazy(self, name: str, path: str) -> None:
+        """Register ``name`` for the factory at ``module:callable`` without
+        importing it: heavy backends (transformers, diffusers) load only when
+        a build uses them."""
+        if name in self._factories or name in self._lazy:
+            raise BackendError(f"{self.kind} backend {name!r} is already registered")
+        self._lazy[name] = path
+
     def names(self) -> list[str]:
         """Registered names, sorted (for help texts and error messages)."""
-        return sorted(self._factories)
+        return sorted({*self._factories, *self._lazy})
 
     def factory(self, spec: str) -> Callable[..., Any]:
         """The factory for a registered name or a ``module:callable`` path."""
         if spec in self._factories:
             return self._factories[spec]
+        if spec in self._lazy:
+            return load_callable(self._lazy[spec])
         if ":" in spec:
             return load_callable(spec)
         raise BackendError(

@@ -1,0 +1,18 @@
+"""The built-in backends, by registry name.
+
+Light backends register themselves when their module is imported (below);
+heavy ones (transformers, diffusers, the openai client) are registered
+lazily by ``module:callable`` path, so they import only when a build uses
+them. Add a backend here with one line.
+"""
+
+from __future__ import annotations
+
+from builder import captioners as _captioners  # noqa: F401  (precomputed)
+from builder import similarity as _similarity  # noqa: F401  (target-features)
+from builder import summarize as _summarize  # noqa: F401  (extractive, captions)
+from builder import synthetic as _synthetic  # noqa: F401  (oracle, procedural, demo-cnn, planted)
+from builder.registry import captioners, generators, similarities, summarizers, targets  # noqa: F401
+
+# Lazily imported backends: registry.register_lazy(name, "module:callable").
+# (heavy backends are added here)
