@@ -50,22 +50,31 @@ def _block(cin: int, cout: int, pool: bool, kernel: int = 3, stride: int = 1) ->
 
 
 class DemoCNN(nn.Module):
-    """Four conv blocks (16-32-64-64 channels; ``conv1``..``conv4``; spatial
+    """Four conv blocks (16-32-64-128 channels; ``conv1``..``conv4``; spatial
     size 32, 16, 8, 8 for a 64 px input: conv1 is a 5x5 stride-2 conv, which
-    keeps CPU training under a few minutes), global average pool and ``fc`` to one logit per ``OUTPUT_CONCEPTS`` entry."""
+    keeps CPU training to a few minutes), global average and max pool
+    concatenated (``pool``; the max keeps small objects from being averaged
+    away), and ``fc`` to one logit per ``OUTPUT_CONCEPTS`` entry."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv1 = _block(3, 16, pool=False, kernel=5, stride=2)
         self.conv2 = _block(16, 32, pool=True)
         self.conv3 = _block(32, 64, pool=True)
-        self.conv4 = _block(64, 64, pool=False)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(64, len(OUTPUT_CONCEPTS))
+        self.conv4 = _block(64, 128, pool=False)
+        self.pool = AvgMaxPool()
+        self.fc = nn.Linear(256, len(OUTPUT_CONCEPTS))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv4(self.conv3(self.conv2(self.conv1(x))))
-        return self.fc(torch.flatten(self.pool(x), 1))
+        return self.fc(self.pool(x))
+
+
+class AvgMaxPool(nn.Module):
+    """(B, C, H, W) -> (B, 2C): spatial mean and spatial max, concatenated."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)
 
 
 def preprocess(image: Image.Image) -> torch.Tensor:
@@ -131,7 +140,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, ob
 def train_demo_cnn(
     out_path: str | Path,
     n_train: int = 15000,
-    epochs: int = 10,
+    epochs: int = 12,
     seed: int = 0,
     n_val: int = 2000,
     batch_size: int = 128,
@@ -171,7 +180,10 @@ def train_demo_cnn(
             opt.step()
             sched.step()
             total += loss.item() * len(idx)
-        log.info("epoch %d loss %.4f (%.0fs)", epoch + 1, total / n_train, time.time() - t0)
+        val = evaluate(model, x_va[:500], y_va[:500])["mean_accuracy"]
+        log.info(
+            "epoch %d loss %.4f val acc %.4f (%.0fs)", epoch + 1, total / n_train, val, time.time() - t0
+        )
     metrics = evaluate(model, x_va, y_va)
     metrics.update(
         train_seconds=round(time.time() - t0, 1),
@@ -226,11 +238,16 @@ def load_demo_cnn(weights: str | Path | None = None) -> DemoCNN:
     return model.eval()
 
 
-@targets.register("demo-cnn")
 def demo_cnn(weights: str | None = None) -> tuple[nn.Module, Callable[[Image.Image], torch.Tensor]]:
     """Target factory: (the demo CNN in eval mode with the committed weights,
     its preprocess PIL.Image -> (3, 64, 64) tensor)."""
     return load_demo_cnn(weights), preprocess
+
+
+# Under `python -m builder.synthetic.demo_cnn` this file runs a second time as
+# __main__ after the package import already registered it.
+if __name__ != "__main__":
+    targets.register("demo-cnn")(demo_cnn)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -238,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="data/demo_cnn/demo_cnn.pt")
     ap.add_argument("--n-train", type=int, default=15000)
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -250,4 +267,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from builder.synthetic.demo_cnn import main as _main
+
+    _main()

@@ -332,7 +332,7 @@ def test_demo_cnn_detects_its_output_concepts():
     assert {"conv1", "conv2", "conv3", "conv4", "fc"} <= set(names)
     torch.manual_seed(0)
     x, y = make_dataset(300, seed=987654)
-    img = Image.fromarray(render(_scenes(1, 5)[0])[0])
+    img = render(_scenes(1, 5)[0])[0]
     assert pre(img).shape == (3, 64, 64)
     with torch.no_grad():
         p = torch.sigmoid(model(x))
