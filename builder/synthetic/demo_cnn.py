@@ -129,7 +129,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, ob
     probs = torch.cat([torch.sigmoid(model(x[i : i + 512])) for i in range(0, len(x), 512)])
     p, t = probs.numpy(), y.numpy()
     acc = ((p >= 0.5) == (t >= 0.5)).mean(axis=0)
-    aucs = [roc_auc_score(t[:, j], p[:, j]) for j in range(t.shape[1]) if 0 < t[:, j].sum() < len(t)]
+    aucs = [
+        roc_auc_score(t[:, j], p[:, j]) for j in range(t.shape[1]) if 0 < t[:, j].sum() < len(t)
+    ]
     return {
         "per_label_accuracy": {c: round(float(a), 4) for c, a in zip(OUTPUT_CONCEPTS, acc)},
         "mean_accuracy": float(acc.mean()),
@@ -182,7 +184,11 @@ def train_demo_cnn(
             total += loss.item() * len(idx)
         val = evaluate(model, x_va[:500], y_va[:500])["mean_accuracy"]
         log.info(
-            "epoch %d loss %.4f val acc %.4f (%.0fs)", epoch + 1, total / n_train, val, time.time() - t0
+            "epoch %d loss %.4f val acc %.4f (%.0fs)",
+            epoch + 1,
+            total / n_train,
+            val,
+            time.time() - t0,
         )
     metrics = evaluate(model, x_va, y_va)
     metrics.update(
@@ -234,7 +240,9 @@ def load_demo_cnn(weights: str | Path | None = None) -> DemoCNN:
         )
     state = torch.load(path, map_location="cpu", weights_only=True)
     model = DemoCNN()
-    model.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in state.items()})
+    model.load_state_dict(
+        {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+    )
     return model.eval()
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from builder.backends import CaptionItem, Captioner
+from builder.backends import Captioner, CaptionItem
 from builder.errors import BackendError
 from builder.registry import captioners
 from builder.synthetic.probe import load_masks, load_world_index, read_manifest

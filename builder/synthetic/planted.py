@@ -54,9 +54,10 @@ def _unit_fill_table(concepts: list[tuple[str, ...]]) -> tuple[np.ndarray, np.nd
         for j, rgb in enumerate(codes):
             color, pattern = fills[rgb]
             for term in concept:
-                if term in COLORS and color == term:
-                    table[u, j] = 1.0
-                elif term in PATTERNS and term != "solid" and pattern == term:
+                # solid has no ink of its own, so "solid" is never detectable
+                is_color = term in COLORS and color == term
+                is_pattern = term in PATTERNS[1:] and pattern == term
+                if is_color or is_pattern:
                     table[u, j] = 1.0
     packed = np.array([(r << 16) | (g << 8) | b for r, g, b in codes], dtype=np.int64)
     return packed, table

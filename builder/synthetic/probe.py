@@ -22,9 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from builder.errors import BuildError
-from builder.synthetic.world import Scene, caption, render_full, sample_scene, scene_from_dict, scene_to_dict
+from builder.synthetic.world import (
+    Scene,
+    caption,
+    render_full,
+    sample_scene,
+    scene_from_dict,
+    scene_to_dict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +66,13 @@ def probe_scene(index: int, size: int, seed: int) -> Scene:
 
 def world_manifest(n: int, size: int, seed: int) -> dict[str, Any]:
     """The manifest identifying a probe set; also its config key."""
-    return {"kind": "synthetic-world", "version": FORMAT_VERSION, "n": n, "size": size, "seed": seed}
+    return {
+        "kind": "synthetic-world",
+        "version": FORMAT_VERSION,
+        "n": n,
+        "size": size,
+        "seed": seed,
+    }
 
 
 def read_manifest(probe_dir: str | Path) -> dict[str, Any] | None:
@@ -102,8 +116,6 @@ def write_probe_set(
         else:
             r = render_full(scene)
             masks = r.masks
-            from PIL import Image
-
             buf = io.BytesIO()
             Image.fromarray(r.image, "RGB").save(buf, format="PNG")
             _atomic_write(img_path, buf.getvalue())

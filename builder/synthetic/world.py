@@ -269,9 +269,7 @@ def _moved(obj: SceneObject, cx: float, cy: float) -> SceneObject:
     return SceneObject(**d)
 
 
-def sample_scene(
-    rng: np.random.Generator, size: int = 64, n_objects: int | None = None
-) -> Scene:
+def sample_scene(rng: np.random.Generator, size: int = 64, n_objects: int | None = None) -> Scene:
     """A random scene of ``n_objects`` (default 1-3) objects with random
     attributes, sizes and positions, on a random background."""
     n = int(rng.integers(1, 4)) if n_objects is None else n_objects
@@ -383,7 +381,9 @@ def background_image(kind: str, size: int, seed: int) -> np.ndarray:
                     [1.0, 0.5, 0.4]
                 )
                 y0, x0 = row * bh + 1, col * bw + off + 1
-                img[max(y0, 0) : max(row * bh + bh, 0), max(x0, 0) : max(col * bw + off + bw, 0)] = c
+                img[
+                    max(y0, 0) : max(row * bh + bh, 0), max(x0, 0) : max(col * bw + off + bw, 0)
+                ] = c
         img += rng.normal(0, 3, (size, size, 1))
     else:
         raise ValueError(f"unknown background {kind!r}")
@@ -438,7 +438,9 @@ def render_full(scene: Scene) -> Rendering:
     idx = lab.astype(np.int64).ravel() * (size * size) + _pixel_index(size)
     counts = np.bincount(idx, minlength=(n + 1) * size * size)
     cov = counts.reshape(n + 1, size, size).astype(np.float32) / (s * s)  # 0 = background
-    img = background_image(scene.background, size, scene.seed).astype(np.float32) * cov[0][..., None]
+    img = (
+        background_image(scene.background, size, scene.seed).astype(np.float32) * cov[0][..., None]
+    )
     for k, obj in enumerate(scene.objects, start=1):
         ck = cov[k]
         if not ck.any():
@@ -479,7 +481,12 @@ _BG_ON = {
     "grass": "on grass",
     "brick": "on a brick wall",
 }
-_BG_NOUN = {"plain": "a plain background", "sky": "the sky", "grass": "grass", "brick": "a brick wall"}
+_BG_NOUN = {
+    "plain": "a plain background",
+    "sky": "the sky",
+    "grass": "grass",
+    "brick": "a brick wall",
+}
 _BG_PATCH = {
     "plain": "a plain background",
     "sky": "a patch of sky",

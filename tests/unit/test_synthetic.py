@@ -21,7 +21,6 @@ from builder.synthetic import world
 from builder.synthetic.demo_cnn import OUTPUT_CONCEPTS, demo_cnn, make_dataset
 from builder.synthetic.generator import ProceduralGenerator
 from builder.synthetic.oracle import OracleCaptioner
-from builder.synthetic.planted import planted_model
 from builder.synthetic.probe import load_masks, load_world_index, write_probe_set
 from builder.synthetic.world import (
     COLORS,
@@ -128,7 +127,7 @@ def test_patterns_are_visible_at_64px():
 def test_captions_name_exactly_the_visible_objects():
     vocab_shapes = set(SHAPES)
     for s in _scenes(80, 2):
-        img, masks = render(s)
+        _img, masks = render(s)
         cap = caption(s, masks)
         assert cap == caption(s, masks)
         words = re.findall(r"[a-z]+", cap)
@@ -341,4 +340,6 @@ def test_demo_cnn_detects_its_output_concepts():
     assert acc.min() >= 0.75
     # the factory returns the committed weights, not a random init
     again, _ = demo_cnn()
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values())
+    )
