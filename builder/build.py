@@ -40,7 +40,7 @@ from builder.record import LayerRecord, forward_summaries, record_topk
 from builder.registry import Registry, captioners, generators, similarities, summarizers
 from builder.scoring import SCORERS, CandidateEvidence
 from builder.summarize import normalize_concept
-from builder.targets import Target, load_target, resolve_device
+from builder.targets import Target, load_target, resolve_device, resolve_dtype
 from query.embedder import get_embedder
 from query.index import build_index
 from query.schema import COUNTED_STAGES, FORMAT_VERSION
@@ -198,7 +198,7 @@ def _build_model(
 ) -> ModelSummary:
     ms = ModelSummary(m.name)
     t0 = time.perf_counter()
-    target = load_target(m.name, m.target, m.target_options, device)
+    target = load_target(m.name, m.target, m.target_options, device, resolve_dtype(cfg.dtype, device))
     target.check_layers(m.layers)
     probe = ProbeSet.scan(m.probe)
     tfp = target_fingerprint(target, m.target, m.target_options)

@@ -15,8 +15,13 @@ DEMO_SEARCHES = ("red circle", "striped pattern", "checkered")
 
 def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML build config (see README: Configuration)")
+    p.add_argument("--preset", help="a shipped config: resnet50-imagenet, resnet18-places365, vit-b16-imagenet")
+    p.add_argument("--probe", help="probe image folder for every model (overrides the config)")
     p.add_argument("--out", help="atlas directory (overrides the config's `out`)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides the config)")
+    p.add_argument("--dtype", help="target precision: auto, float32, float16, bfloat16 (overrides the config)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list layers, neuron counts and expected calls per stage without loading weights")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set record.top_k=20 (repeatable)")
     p.add_argument("--no-cache", action="store_true", help="ignore cached results (still writes them)")
@@ -29,13 +34,22 @@ def run_build(args: argparse.Namespace) -> int:
     from builder.errors import ConfigError
 
     overrides = list(args.overrides)
-    if args.out:
-        overrides.append(f"out={json.dumps(args.out)}")
-    if args.device:
-        overrides.append(f"device={json.dumps(args.device)}")
-    if not args.config and not overrides:
-        raise ConfigError("build needs --config FILE.toml (or --set keys describing the models)")
-    cfg = load_config(args.config, overrides)
+    for key in ("out", "device", "dtype"):
+        if getattr(args, key):
+            overrides.append(f"{key}={json.dumps(getattr(args, key))}")
+    if not args.config and not args.preset and not overrides:
+        raise ConfigError("build needs --config FILE.toml or --preset NAME")
+    cfg = load_config(args.config, overrides, args.preset)
+    if args.probe:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, models=tuple(dataclasses.replace(m, probe=args.probe) for m in cfg.models))
+    if args.dry_run:
+        from builder.plan import plan, plan_text
+
+        p = plan(cfg)
+        print(json.dumps(p, indent=2) if args.json else plan_text(p))
+        return 0
     return _run(lambda: build(cfg, cache_enabled=not args.no_cache), args.json, cfg.out)
 
 

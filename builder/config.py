@@ -146,6 +146,7 @@ class BuildConfig:
     models: tuple[ModelConfig, ...] = ()
     embedder: str = "minilm"
     device: str = "auto"
+    dtype: str = "auto"  # target model precision: auto (float32) | float32 | float16 | bfloat16
     cache_dir: str = ""  # "" = <out>/cache
     chunk_size: int = 64  # neurons processed together (batched model calls)
     record: RecordConfig = field(default_factory=RecordConfig)
@@ -163,6 +164,8 @@ class BuildConfig:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError("device must be auto, cpu, cuda or cuda:N")
         _positive(self, "chunk_size")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ConfigError("dtype must be auto, float32, float16 or bfloat16")
 
     # -- (de)serialization -------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -226,21 +229,44 @@ class BuildConfig:
         return d
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> BuildConfig:
-    """Read a TOML config file (optional) and apply ``section.key=value``
-    overrides (values are parsed as TOML, bare words as strings)."""
+def preset_names() -> list[str]:
+    """The presets shipped in data/presets."""
+    from builder.data_files import data_path
+
+    return sorted(p.stem for p in data_path("presets").glob("*.toml"))
+
+
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, preset: str | None = None
+) -> BuildConfig:
+    """Read a preset and/or a TOML config file (a file's keys override the
+    preset's) and apply ``section.key=value`` overrides (values are parsed as
+    TOML, bare words as strings)."""
     data: dict[str, Any] = {}
+    if preset is not None:
+        from builder.data_files import data_path
+
+        if preset not in preset_names():
+            raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(preset_names())}")
+        data = tomllib.loads(data_path("presets", f"{preset}.toml").read_text())
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
         try:
-            data = tomllib.loads(p.read_text())
+            data = _merge(data, tomllib.loads(p.read_text()))
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
     for item in overrides or []:
         apply_override(data, item)
     return BuildConfig.from_dict(data)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:

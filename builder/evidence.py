@@ -124,7 +124,7 @@ def crop_stage(
                 pil: list[Image.Image] = []
                 for i in chunk:
                     pil.append(probe.open(i))
-                batch = torch.stack([target.preprocess(im) for im in pil]).to(target.device)
+                batch = torch.stack([target.preprocess(im) for im in pil]).to(target.device, target.dtype)
                 current.clear()
                 target.module(batch)
                 maps = {lay: activation_maps(current[lay]) for lay in layers}

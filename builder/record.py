@@ -248,7 +248,7 @@ def record_topk(
                 if batch is None:
                     continue
                 current.clear()
-                target.module(batch.to(target.device))
+                target.module(batch.to(target.device, target.dtype))
                 for name in layers:
                     out = current[name]
                     if name not in kinds:
@@ -288,7 +288,7 @@ def forward_summaries(
     with hooked(target.module, layers, lambda n, o: current.__setitem__(n, o)), torch.inference_mode():
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
-            batch = torch.stack([target.preprocess(im) for im in chunk]).to(target.device)
+            batch = torch.stack([target.preprocess(im) for im in chunk]).to(target.device, target.dtype)
             current.clear()
             target.module(batch)
             for name in layers:
@@ -305,7 +305,7 @@ def forward_maps(
     with hooked(target.module, layers, lambda n, o: current.__setitem__(n, o)), torch.inference_mode():
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
-            batch = torch.stack([target.preprocess(im) for im in chunk]).to(target.device)
+            batch = torch.stack([target.preprocess(im) for im in chunk]).to(target.device, target.dtype)
             current.clear()
             target.module(batch)
             maps = {}

@@ -36,6 +36,7 @@ class Target:
     preprocess: Callable[[Image.Image], torch.Tensor]
     device: torch.device
     input_size: tuple[int, int] | None = None  # (w, h) crops are resized to; None = native
+    dtype: torch.dtype = torch.float32
     # {layer: {"role": "output" | "planted", "concepts": [[term, ...] per unit]}}, when known
     ground_truth: dict[str, dict] = field(default_factory=dict)
 
@@ -72,21 +73,38 @@ def imagenet_preprocess(size: int = 224, resize: int | None = 256, mean=IMAGENET
     return T.Compose(steps)
 
 
-def load_target(name: str, spec: str, options: dict[str, Any], device: torch.device) -> Target:
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` is float32 (recordings are compared across images, so the
+    target runs in full precision unless asked otherwise)."""
+    if dtype == "auto":
+        return torch.float32
+    if dtype not in DTYPES:
+        raise BackendError(f"dtype {dtype!r} is unknown; choose auto, {', '.join(DTYPES)}")
+    if device.type == "cpu" and dtype == "float16":
+        raise BackendError("float16 needs a CUDA device; use bfloat16 or float32 on the CPU")
+    return DTYPES[dtype]
+
+
+def load_target(
+    name: str, spec: str, options: dict[str, Any], device: torch.device, dtype: torch.dtype = torch.float32
+) -> Target:
     """Load the target model ``spec`` with ``options`` onto ``device``."""
     options = dict(options)
     input_size_opt = options.pop("input_size", None)
     module, preprocess = _load(spec, options)
     if not isinstance(module, torch.nn.Module):
         raise BackendError(f"target {spec!r} did not give a torch.nn.Module")
-    module = module.eval().to(device)
+    module = module.eval().to(device=device, dtype=dtype)
     if preprocess is None:
         preprocess = imagenet_preprocess(int(input_size_opt or 224))
     input_size = (
         (int(input_size_opt), int(input_size_opt)) if input_size_opt else _infer_input_size(preprocess)
     )
     gt = getattr(module, "ground_truth", None)
-    return Target(name, module, preprocess, device, input_size, dict(gt) if isinstance(gt, dict) else {})
+    return Target(name, module, preprocess, device, input_size, dict(gt) if isinstance(gt, dict) else {}, dtype)
 
 
 def _load(spec: str, options: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
@@ -94,6 +112,8 @@ def _load(spec: str, options: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
         return _split(targets.create(spec, **options))
     if spec.startswith("torchvision:") or _is_torchvision_name(spec):
         return _torchvision(spec.removeprefix("torchvision:"), options)
+    if spec.startswith("timm:"):
+        return _timm(spec.removeprefix("timm:"), options)
     if Path(spec).suffix in (".pt", ".pth", ".ts", ".jit") and Path(spec).is_file():
         return _torchscript(spec, options)
     if ":" in spec:
@@ -141,9 +161,40 @@ def _torchvision(name: str, options: dict[str, Any]) -> tuple[torch.nn.Module, A
     except (ValueError, KeyError, TypeError) as exc:
         raise BackendError(f"torchvision model {name!r}: {exc}") from exc
     if weights_path:
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
+        model.load_state_dict(_read_state_dict(weights_path))
     return model, preprocess
+
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A state dict from a file: plain, or a training checkpoint holding
+    ``state_dict`` (e.g. the Places365 releases), with any ``module.`` prefix
+    of DataParallel stripped."""
+    if not Path(path).is_file():
+        raise BackendError(f"weights file {path!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, truncated files
+        raise BackendError(f"{path}: not a readable weights file: {exc}") from exc
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _timm(name: str, options: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
+    try:
+        import timm
+        from timm.data import create_transform, resolve_data_config
+    except ImportError as exc:
+        raise BackendError("timm targets need timm: pip install 'dnd-atlas[timm]'") from exc
+    pretrained = bool(options.pop("pretrained", False))
+    weights_path = options.pop("weights_path", None)
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **options)
+    except Exception as exc:  # unknown model names, download failures offline
+        raise BackendError(f"timm model {name!r}: {exc}") from exc
+    if weights_path:
+        model.load_state_dict(_read_state_dict(weights_path))
+    return model, create_transform(**resolve_data_config({}, model=model))
 
 
 def _torchscript(path: str, options: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
