@@ -33,8 +33,9 @@ class ProbeSet:
 
     @classmethod
     def scan(cls, root: str | Path) -> ProbeSet:
-        """List every image file below ``root`` (hidden folders skipped)."""
-        r = Path(root).expanduser().resolve()
+        """List every image file below ``root`` (hidden folders skipped);
+        ``root`` may also be a dataset spec (see ``resolve_probe``)."""
+        r = resolve_probe(str(root)).expanduser().resolve()
         if not r.is_dir():
             raise BuildError(f"probe folder {str(root)!r} does not exist or is not a folder")
         files = []
@@ -93,3 +94,68 @@ def open_rgb(path: str | Path) -> Image.Image:
             return im.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise BuildError(f"{path}: not a readable image ({exc.__class__.__name__})") from exc
+
+
+# -- probe sets that are not image folders -----------------------------------------
+
+_CIFAR = {
+    "cifar10": ("cifar-10-batches-py", {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]},
+                "batches.meta", b"label_names", b"labels"),
+    "cifar100": ("cifar-100-python", {"train": ["train"], "test": ["test"]}, "meta", b"fine_label_names",
+                 b"fine_labels"),
+}
+
+
+def resolve_probe(spec: str) -> Path:
+    """The image folder for a probe spec.
+
+    A plain path is an image folder (any layout; an ImageNet-style val folder
+    with one sub-folder per class works as is). ``cifar10:ROOT[:split]`` and
+    ``cifar100:ROOT[:split]`` read the python-pickle release that torchvision
+    downloads into ROOT (split ``test`` by default) and export it once as
+    PNGs in class folders under ``ROOT/dnd-atlas/``, so every later stage sees
+    ordinary files."""
+    kind, sep, rest = spec.partition(":")
+    if sep and kind in _CIFAR:
+        root, _, split = rest.partition(":")
+        return export_cifar(kind, Path(root), split or "test")
+    return Path(spec)
+
+
+def export_cifar(kind: str, root: Path, split: str = "test") -> Path:
+    """Export a CIFAR split to ``root/dnd-atlas/<kind>-<split>/<class>/<n>.png``
+    (idempotent: a manifest is written last)."""
+    import pickle
+
+    import numpy as np
+
+    folder, splits, meta_name, names_key, labels_key = _CIFAR[kind]
+    if split not in splits:
+        raise BuildError(f"{kind} has no split {split!r}; use one of {', '.join(splits)}")
+    src = root / folder
+    if not src.is_dir():
+        raise BuildError(f"no {kind} data at {src} (download it with torchvision once, or give its root)")
+    out = root / "dnd-atlas" / f"{kind}-{split}"
+    manifest = out / "manifest.json"
+    if manifest.is_file():
+        return out
+    try:
+        with open(src / meta_name, "rb") as f:
+            names = [n.decode() for n in pickle.load(f, encoding="bytes")[names_key]]
+        n = 0
+        for batch in splits[split]:
+            with open(src / batch, "rb") as f:
+                d = pickle.load(f, encoding="bytes")
+            data = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+            for img, label in zip(data, d[labels_key]):
+                cls_dir = out / names[label]
+                cls_dir.mkdir(parents=True, exist_ok=True)
+                tmp = cls_dir / f".{n:05d}.png.tmp"
+                Image.fromarray(img).save(tmp, format="PNG")
+                os.replace(tmp, cls_dir / f"{n:05d}.png")
+                n += 1
+    except (OSError, KeyError, pickle.UnpicklingError, ValueError) as exc:
+        raise BuildError(f"{src}: not a readable {kind} release: {exc}") from exc
+    manifest.write_text(json.dumps({"kind": kind, "split": split, "images": n}))
+    log.info("exported %d %s %s images to %s", n, kind, split, out)
+    return out
