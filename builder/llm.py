@@ -487,9 +487,13 @@ class OpenAIVisionCaptioner(_OpenAIBackend, Captioner):
                 return await self._one(client, item)
 
         try:
-            return list(await asyncio.gather(*(guarded(i) for i in items)))
+            got = await asyncio.gather(*(guarded(i) for i in items), return_exceptions=True)
         finally:
             await client.close()
+        for g in got:  # every request has ended; report the first failure
+            if isinstance(g, BaseException):
+                raise g
+        return list(got)  # type: ignore[arg-type]
 
     def caption(self, items: Sequence[CaptionItem]) -> list[str]:
         """One caption per item, in order, at most ``concurrency`` requests in flight."""

@@ -16,3 +16,5 @@ from builder.registry import captioners, generators, similarities, summarizers, 
 
 # Lazily imported backends: registry.register_lazy(name, "module:callable").
 # (heavy backends are added here)
+summarizers.register_lazy("openai", "builder.llm:OpenAISummarizer")
+captioners.register_lazy("openai-vision", "builder.llm:OpenAIVisionCaptioner")
