@@ -565,7 +565,7 @@ class _Context:
             scores = SCORERS[cfg.dissect.scoring](ce, probe_emb, cfg.dissect.beta, cfg.record.top_k)
             temb = np.stack([text_emb[c] for c in cands])
             kept = select_labels(scores, temb, cfg.labels.max_labels, cfg.labels.dedup_threshold,
-                                 cfg.labels.extra_labels_need_positive_score)
+                                 cfg.labels.extra_labels_need_positive_score, cfg.labels.drop_nested_labels)
             rank_of = {i: r + 1 for r, i in enumerate(kept)}
             for i, (c, s) in enumerate(zip(cands, scores)):
                 samples = tuple(self.thumb_generated(k) for k in gen_keys[self.template.format(concept=c)][:3])
@@ -574,7 +574,8 @@ class _Context:
         else:  # ablation: no concept selection, the summarizer's order decides
             temb = np.stack([text_emb[c] for c in cands])
             fake = [_NoScore(c) for c in cands]
-            kept = select_labels(fake, temb, cfg.labels.max_labels, cfg.labels.dedup_threshold, False) \
+            kept = select_labels(fake, temb, cfg.labels.max_labels, cfg.labels.dedup_threshold, False,
+                                 cfg.labels.drop_nested_labels) \
                 if not cfg.labels.extra_labels_need_positive_score else [0]
             rank_of = {i: r + 1 for r, i in enumerate(kept)}
             cand_rows = [CandidateRow(i, c, None, None, None, rank_of.get(i)) for i, c in enumerate(cands)]

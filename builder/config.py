@@ -130,6 +130,7 @@ class LabelConfig:
     max_labels: int = 3
     dedup_threshold: float = 0.81  # drop a label this similar to a kept one
     extra_labels_need_positive_score: bool = True
+    drop_nested_labels: bool = True  # "yellow" and "yellow circle" are one concept, not two
 
     def __post_init__(self) -> None:
         _positive(self, "max_labels")

@@ -15,6 +15,7 @@ def select_labels(
     max_labels: int = 3,
     threshold: float = 0.81,
     need_positive: bool = True,
+    drop_nested: bool = True,
 ) -> list[int]:
     """Indices of the candidates kept as labels, best first.
 
@@ -22,7 +23,10 @@ def select_labels(
     multi-labels) are the next best, skipping any whose text similarity to an
     already kept label exceeds ``threshold``; with ``need_positive`` they must
     also have a positive score (some of their generated images reached the
-    neuron's top-K), so a monosemantic neuron is not given filler labels.
+    neuron's top-K), so a monosemantic neuron is not given filler labels; with
+    ``drop_nested``, a candidate whose words all occur in a kept label, or the
+    other way round ("yellow" and "yellow circle"), is the same concept at
+    another specificity, not a second concept, and is skipped too.
     """
     if not scores:
         return []
@@ -34,9 +38,20 @@ def select_labels(
         if need_positive and not scores[i].score > 0:
             continue
         sims = text_embeddings[kept] @ text_embeddings[i]
-        if np.all(sims <= threshold):
-            kept.append(i)
+        if not np.all(sims <= threshold):
+            continue
+        if drop_nested and any(_nested(scores[i].concept, scores[k].concept) for k in kept):
+            continue
+        kept.append(i)
     return kept
+
+
+def _nested(a: str, b: str) -> bool:
+    from builder.summarize import singular
+
+    wa = {singular(w) for w in a.lower().split()}
+    wb = {singular(w) for w in b.lower().split()}
+    return bool(wa) and bool(wb) and (wa <= wb or wb <= wa)
 
 
 def interpretability(embeddings: np.ndarray) -> float:

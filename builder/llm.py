@@ -206,8 +206,21 @@ def describe_request_error(exc: Exception, max_retries: int, timeout: float) -> 
         code = exc.status_code
         retried = code in _RETRIED_STATUS or code >= 500
         how = f"after {max_retries} retries" if retried else "not retried"
-        return f"LLM request failed: HTTP {code} {how}: {_short(exc.message, 120)}"
+        return f"LLM request failed: HTTP {code} {how}: {_short(_server_message(exc), 120)}"
     return f"LLM request failed: {type(exc).__name__}: {_short(exc)}"
+
+
+def _server_message(exc: Any) -> str:
+    """The server's own error message when its body has one (OpenAI, vLLM and
+    Ollama send ``{"error": {"message": ...}}``), else the client's text."""
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+            return inner["message"]
+        if isinstance(inner, str):
+            return inner
+    return str(getattr(exc, "message", exc))
 
 
 class _OpenAIBackend:

@@ -73,3 +73,10 @@ def test_interpretability_is_mean_off_diagonal_similarity():
     e = np.array([[1, 0], [1, 0], [0, 1]], dtype=np.float64)
     # pairs: (0,1)=1, (0,2)=0, (1,2)=0 -> mean 1/3
     assert interpretability(e) == pytest.approx(1 / 3)
+
+
+def test_nested_candidates_are_one_concept():
+    scores = [CandidateScore(c, 0, 0, s) for c, s in [("yellow circle", 3.0), ("yellow", 2.0), ("circles", 1.5), ("blue", 1.0)]]
+    emb = np.eye(4, dtype=np.float32)
+    assert select_labels(scores, emb, 3, 0.81) == [0, 3]
+    assert select_labels(scores, emb, 3, 0.81, drop_nested=False) == [0, 1, 2]
