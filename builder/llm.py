@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from builder.backends import CaptionItem, Captioner, Summarizer
+from builder.backends import Captioner, CaptionItem, Summarizer
 from builder.data_files import data_path
 from builder.errors import BackendError
 from builder.summarize import normalize_concept
@@ -84,7 +84,7 @@ def fill(template: str, **values: Any) -> str:
 
 
 # --------------------------------------------------------------------------- parsing
-_FENCE = re.compile(r"```[a-zA-Z0-9_-]*\s*\n?(.*?)```", re.S)
+_FENCE = re.compile(r"```[a-zA-Z0-9_-]*\s*\n?(.*?)```", re.DOTALL)
 _LIST_LINE = re.compile(r"^\s*(?:\(?\d{1,2}[.):]|[-*\u2022])\s+(.+?)\s*$")
 _QUOTES = "\"'`\u201c\u201d\u2018\u2019"
 
@@ -158,7 +158,9 @@ def validate_candidates(items: Sequence[str], captions: Sequence[str], n: int) -
             out.append(c)
     if not out:
         shown = "; ".join(repr(_short(d, 40)) for d in dropped[:3])
-        raise LLMAnswerError(f"no item was a 1-{MAX_CONCEPT_WORDS} word concept that is not a copied caption ({shown})")
+        raise LLMAnswerError(
+            f"no item was a 1-{MAX_CONCEPT_WORDS} word concept that is not a copied caption ({shown})"
+        )
     if dropped:
         log.debug("dropped %d unusable candidates: %r", len(dropped), dropped)
     return out[:n]
@@ -170,7 +172,9 @@ def _short(text: str, limit: int = 80) -> str:
 
 
 # --------------------------------------------------------------------------- client plumbing
-def _resolve_endpoint(base_url: str | None, api_key: str | None, backend: str) -> tuple[str | None, str]:
+def _resolve_endpoint(
+    base_url: str | None, api_key: str | None, backend: str
+) -> tuple[str | None, str]:
     base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
     api_key = api_key or os.environ.get("OPENAI_API_KEY") or None
     if api_key is None:
@@ -228,8 +232,15 @@ class _OpenAIBackend:
 
     backend_name = "openai"
 
-    def _setup(self, model: str | None, base_url: str | None, api_key: str | None,
-               timeout: float, max_retries: int, concurrency: int) -> None:
+    def _setup(
+        self,
+        model: str | None,
+        base_url: str | None,
+        api_key: str | None,
+        timeout: float,
+        max_retries: int,
+        concurrency: int,
+    ) -> None:
         if not model:
             raise BackendError(
                 f"the {self.backend_name} backend needs a `model` option "
@@ -244,13 +255,21 @@ class _OpenAIBackend:
             raise BackendError(
                 f"{self.backend_name}: timeout must be > 0, max_retries >= 0 and concurrency >= 1"
             )
-        self.usage = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "failed_requests": 0}
+        self.usage = {
+            "requests": 0,
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "failed_requests": 0,
+        }
 
     def _client(self) -> Any:
         import openai
 
         return openai.AsyncOpenAI(
-            api_key=self._api_key, base_url=self.base_url, timeout=self.timeout, max_retries=self.max_retries
+            api_key=self._api_key,
+            base_url=self.base_url,
+            timeout=self.timeout,
+            max_retries=self.max_retries,
         )
 
     def _count(self, response: Any) -> None:
@@ -263,7 +282,9 @@ class _OpenAIBackend:
     async def _chat(self, client: Any, messages: list[dict[str, Any]], **params: Any) -> str:
         """One chat completion (the client retries); the answer text."""
         try:
-            response = await client.chat.completions.create(model=self.model, messages=messages, **params)
+            response = await client.chat.completions.create(
+                model=self.model, messages=messages, **params
+            )
         except Exception:
             self.usage["failed_requests"] += 1
             raise
@@ -357,7 +378,9 @@ class OpenAISummarizer(_OpenAIBackend, Summarizer):
             try:
                 text = await self._chat(client, messages, **self._params())
             except Exception as exc:  # the client already retried
-                raise BackendError(describe_request_error(exc, self.max_retries, self.timeout)) from exc
+                raise BackendError(
+                    describe_request_error(exc, self.max_retries, self.timeout)
+                ) from exc
             try:
                 items = parse_candidate_list(text)
                 if items is None:
@@ -371,9 +394,14 @@ class OpenAISummarizer(_OpenAIBackend, Summarizer):
                 messages = [
                     *messages,
                     {"role": "assistant", "content": text},
-                    {"role": "user", "content": fill(self.retry_prompt, reason=reason, n=n).strip()},
+                    {
+                        "role": "user",
+                        "content": fill(self.retry_prompt, reason=reason, n=n).strip(),
+                    },
                 ]
-        raise BackendError(f"LLM answer was not a list of 1-{MAX_CONCEPT_WORDS} word concepts: {reason}")
+        raise BackendError(
+            f"LLM answer was not a list of 1-{MAX_CONCEPT_WORDS} word concepts: {reason}"
+        )
 
     async def _many(self, batches: Sequence[Sequence[str]], n: int) -> list[list[str] | Exception]:
         sem = asyncio.Semaphore(self.concurrency)
@@ -392,7 +420,9 @@ class OpenAISummarizer(_OpenAIBackend, Summarizer):
         finally:
             await client.close()
 
-    def summarize_many(self, batches: Sequence[Sequence[str]], n: int) -> list[list[str] | Exception]:  # type: ignore[override]
+    def summarize_many(
+        self, batches: Sequence[Sequence[str]], n: int
+    ) -> list[list[str] | Exception]:  # type: ignore[override]
         """One request per neuron, at most ``concurrency`` in flight. A
         neuron whose answer stays unusable after one re-ask, or whose request
         fails after the client's retries, gets a ``BackendError`` with a
@@ -468,13 +498,15 @@ class OpenAIVisionCaptioner(_OpenAIBackend, Captioner):
         image_url: dict[str, Any] = {"url": image_data_url(item.image)}
         if self.detail:
             image_url["detail"] = self.detail
-        return [{
-            "role": "user",
-            "content": [
-                {"type": "text", "text": self.prompt.strip()},
-                {"type": "image_url", "image_url": image_url},
-            ],
-        }]
+        return [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": self.prompt.strip()},
+                    {"type": "image_url", "image_url": image_url},
+                ],
+            }
+        ]
 
     async def _one(self, client: Any, item: CaptionItem) -> str:
         params: dict[str, Any] = {"max_tokens": self.max_tokens}
@@ -484,11 +516,14 @@ class OpenAIVisionCaptioner(_OpenAIBackend, Captioner):
             text = await self._chat(client, self.messages(item), **params)
         except Exception as exc:
             raise BackendError(
-                f"captioning {item.source}: " + describe_request_error(exc, self.max_retries, self.timeout)
+                f"captioning {item.source}: "
+                + describe_request_error(exc, self.max_retries, self.timeout)
             ) from exc
         caption = " ".join(text.split()).strip(_QUOTES + " ")
         if not caption:
-            raise BackendError(f"captioning {item.source}: the vision model returned an empty caption")
+            raise BackendError(
+                f"captioning {item.source}: the vision model returned an empty caption"
+            )
         return caption
 
     async def _all(self, items: Sequence[CaptionItem]) -> list[str]:

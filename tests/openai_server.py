@@ -70,7 +70,7 @@ class Recorded:
 
     method: str
     path: str
-    headers: dict[str, str]
+    headers: dict[str, str]  # names in lower case
     body: Any
     started: float
     ended: float = 0.0
@@ -97,7 +97,9 @@ class ScriptedServer:
     behaviours for the next chat requests in arrival order; when the queue is
     empty, ``responder(request)`` (if set) or ``default`` decides."""
 
-    def __init__(self, default: Behaviour | None = None, models: tuple[str, ...] = ("stub-model",)) -> None:
+    def __init__(
+        self, default: Behaviour | None = None, models: tuple[str, ...] = ("stub-model",)
+    ) -> None:
         self.default: Behaviour = default or Reply('["scripted concept"]')
         self.responder: Callable[[Recorded], Behaviour] | None = None
         self.models = models
@@ -152,7 +154,9 @@ class ScriptedServer:
 
         self._httpd = ThreadingHTTPServer((HOST, 0), Handler)  # port 0: a free port
         self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="scripted-openai", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, args=(0.05,), name="scripted-openai", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -164,14 +168,16 @@ class ScriptedServer:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def __enter__(self) -> ScriptedServer:
+    def __enter__(self) -> ScriptedServer:  # noqa: PYI034  (no typing.Self on 3.10)
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
-def chat_completion(text: str, model: str, prompt_tokens: int = 11, completion_tokens: int = 7) -> dict[str, Any]:
+def chat_completion(
+    text: str, model: str, prompt_tokens: int = 11, completion_tokens: int = 7
+) -> dict[str, Any]:
     """A minimal, valid chat.completion object."""
     return {
         "id": "chatcmpl-scripted",
@@ -192,12 +198,20 @@ def chat_completion(text: str, model: str, prompt_tokens: int = 11, completion_t
 class _Handler(BaseHTTPRequestHandler):
     owner: ScriptedServer
     protocol_version = "HTTP/1.1"
+    # headers and body go out in separate writes; with Nagle on, the
+    # client's delayed ACK adds ~40 ms to every request on loopback
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:  # keep test output clean
         pass
 
-    def _send(self, code: int, body: bytes, content_type: str = "application/json",
-              headers: dict[str, str] | None = None) -> None:
+    def _send(
+        self,
+        code: int,
+        body: bytes,
+        content_type: str = "application/json",
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -212,10 +226,20 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         srv = self.owner
         with srv._lock:
-            srv.requests.append(Recorded("GET", self.path, dict(self.headers), None, time.monotonic()))
+            srv.requests.append(
+                Recorded("GET", self.path, _lower(self.headers), None, time.monotonic())
+            )
         if self.path.rstrip("/") == "/v1/models":
-            self._json(200, {"object": "list", "data": [
-                {"id": m, "object": "model", "created": 0, "owned_by": "tests"} for m in srv.models]})
+            self._json(
+                200,
+                {
+                    "object": "list",
+                    "data": [
+                        {"id": m, "object": "model", "created": 0, "owned_by": "tests"}
+                        for m in srv.models
+                    ],
+                },
+            )
         else:
             self._json(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
 
@@ -226,7 +250,7 @@ class _Handler(BaseHTTPRequestHandler):
             body = json.loads(raw or b"null")
         except ValueError:
             body = raw.decode("utf-8", "replace")
-        rec = Recorded("POST", self.path, dict(self.headers), body, time.monotonic())
+        rec = Recorded("POST", self.path, _lower(self.headers), body, time.monotonic())
         with srv._lock:
             srv.requests.append(rec)
         if self.path.rstrip("/") != "/v1/chat/completions":
@@ -261,3 +285,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         else:  # pragma: no cover - a test scripted something unknown
             raise TypeError(f"unknown behaviour {b!r}")
+
+
+def _lower(headers: Any) -> dict[str, str]:
+    """Header names in lower case (HTTP names are case-insensitive)."""
+    return {k.lower(): v for k, v in headers.items()}
