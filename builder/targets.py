@@ -104,7 +104,8 @@ def load_target(
         (int(input_size_opt), int(input_size_opt)) if input_size_opt else _infer_input_size(preprocess)
     )
     gt = getattr(module, "ground_truth", None)
-    return Target(name, module, preprocess, device, input_size, dict(gt) if isinstance(gt, dict) else {}, dtype)
+    return Target(name, module, preprocess, device, input_size=input_size, dtype=dtype,
+                  ground_truth=dict(gt) if isinstance(gt, dict) else {})
 
 
 def _load(spec: str, options: dict[str, Any]) -> tuple[torch.nn.Module, Any]:

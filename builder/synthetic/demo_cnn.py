@@ -64,6 +64,8 @@ class DemoCNN(nn.Module):
         self.conv4 = _block(64, 128, pool=False)
         self.pool = AvgMaxPool()
         self.fc = nn.Linear(256, len(OUTPUT_CONCEPTS))
+        # output unit i detects OUTPUT_CONCEPTS[i]: stored in the atlas meta for `dnd-atlas eval`
+        self.ground_truth = {"fc": {"role": "output", "concepts": [[c] for c in OUTPUT_CONCEPTS]}}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv4(self.conv3(self.conv2(self.conv1(x))))
