@@ -4,7 +4,7 @@ Layout of ``out_dir``::
 
     project/mkdocs.yml        site_dir: ../site (so `mkdocs gh-deploy` works from project/)
     project/atlas_hooks.py    mkdocs hook pasting neuron page bodies into the built pages
-    project/atlas_html/       those bodies (escaped HTML), one per neuron page
+    project/atlas_html/       those bodies (escaped HTML), one JSON file per layer
     project/docs/index.md     home: models, layers, counts, build config, histograms
     project/docs/models/      one page per model (in the nav)
     project/docs/layers/      one page per layer (in the nav unless there are many)
@@ -17,6 +17,7 @@ Layout of ``out_dir``::
 from __future__ import annotations
 
 import html
+import json
 import logging
 import os
 import shutil
@@ -148,12 +149,15 @@ def generate_project(atlas_dir: str | os.PathLike[str], project: Path,
             records = layer_records(atlas, li.model, li.layer)
             folder = render.neuron_page(li.model, li.layer, 0).rsplit("/", 1)[0]
             (docs / folder).mkdir(parents=True, exist_ok=True)
-            (bodies / folder).mkdir(parents=True, exist_ok=True)
+            layer_bodies: dict[str, str] = {}
             for rec in records:
                 key = (rec.model, rec.layer, rec.unit)
                 md, body = render.render_neuron(rec, images, similar.get(key, []))
                 _write(docs / f"{render.neuron_page(*key)}.md", md)
-                _write(bodies / f"{render.neuron_page(*key)}.html", body)
+                layer_bodies[str(rec.unit)] = body
+            path = bodies / f"{folder}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _write(path, json.dumps(layer_bodies, ensure_ascii=False))
             n_neurons += len(records)
             bar.update(len(records))
             ok = [r for r in records if r.status == "ok"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import html
 import json
 import logging
-import posixpath
 from collections.abc import Sequence
 from pathlib import PurePosixPath
 from typing import Any
@@ -54,9 +53,12 @@ def chart_file(model: str, layer: str, what: str) -> str:
 
 
 def href(src_page: str, target: str) -> str:
-    """A URL from page ``src_page`` (docs-relative, no extension) to docs-relative ``target``."""
-    rel = posixpath.relpath(target, posixpath.dirname(src_page) or ".")
-    return url(rel)
+    """A URL from page ``src_page`` (docs-relative, no extension) to docs-relative ``target``.
+
+    Always goes up to the docs root and down again: one string concatenation,
+    which matters at 70 links per page and 25,000 pages.
+    """
+    return "../" * src_page.count("/") + url(target)
 
 
 class ImageSet:
