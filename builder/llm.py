@@ -247,6 +247,12 @@ class _OpenAIBackend:
                 '(e.g. model = "gpt-4o-mini", or the name your vLLM/Ollama/llama.cpp server serves)'
             )
         self.model = str(model)
+        if api_key:
+            log.warning(
+                "%s: api_key was given as an option; build options are saved in the atlas, "
+                "so prefer the OPENAI_API_KEY environment variable",
+                self.backend_name,
+            )
         self.base_url, self._api_key = _resolve_endpoint(base_url, api_key, self.backend_name)
         self.timeout = float(timeout)
         self.max_retries = int(max_retries)

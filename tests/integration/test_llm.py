@@ -251,6 +251,16 @@ def test_concurrency_is_bounded_and_answers_keep_their_neuron(srv):
     assert elapsed < 20 * 0.1  # faster than one at a time
 
 
+def test_summarize_works_when_called_inside_a_running_event_loop(srv):
+    """A notebook runs an event loop; the sync API must still work there."""
+    import asyncio
+
+    async def inside():
+        return summarizer(srv).summarize(CAPTIONS, 2)
+
+    assert asyncio.run(inside()) == ["scripted concept"]
+
+
 # ----------------------------------------------------------------------------- configuration
 def test_api_key_and_base_url_come_from_the_environment(srv, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-from-env-123")
@@ -483,3 +493,63 @@ def test_a_real_transformers_server_answers_and_garbage_is_handled(transformers_
         assert str(o).startswith("LLM answer was not a list of 1-5 word concepts")
     assert s.usage["requests"] == 4 and s.usage["reasks"] == 2
     assert s.usage["completion_tokens"] > 0 and s.usage["prompt_tokens"] > 0
+
+
+# ----------------------------------------------------------------------------- a whole build
+def test_a_build_with_the_openai_summarizer_records_a_failed_neuron_and_goes_on(srv, tmp_path):
+    """The planted model's 18 units through the builder: the first neuron's
+    answers are unusable twice (it is recorded as failed, with the reason),
+    every other neuron gets concepts the stub extracts from its captions."""
+    from builder.build import build
+    from builder.config import BuildConfig
+    from builder.summarize import extract_concepts
+    from builder.synthetic.probe import write_probe_set
+    from query import Atlas
+
+    def responder(rec):
+        user = rec.messages[1]["content"]
+        caps = re.findall(r"^\d+\. (.*)$", user, re.MULTILINE)
+        n = int(re.search(r"exactly (\d+) distinct", user).group(1))
+        if len(srv.chat_requests) <= 2:  # concurrency 1: the first neuron's ask and re-ask
+            return Reply("no idea")
+        return Reply(json.dumps(extract_concepts(caps, n)))
+
+    srv.responder = responder
+    probe = write_probe_set(tmp_path / "probe", n=160, seed=3, progress=False)
+    cfg = BuildConfig.from_dict(
+        {
+            "out": str(tmp_path / "atlas"),
+            "chunk_size": 4,
+            "models": [
+                {
+                    "name": "planted",
+                    "target": "planted",
+                    "probe": str(probe),
+                    "layers": ["detectors"],
+                }
+            ],
+            "describe": {
+                "summarizer": "openai",
+                "summarizer_options": {
+                    "model": "stub-model",
+                    "base_url": srv.base_url,
+                    "concurrency": 1,
+                },
+            },
+            "dissect": {"similarity_options": {"target": "demo-cnn"}},
+        }
+    )
+    (summary,) = build(cfg).models
+    assert (summary.neurons, summary.ok, summary.failed) == (18, 17, 1)
+    assert len(srv.chat_requests) == 19  # one request per neuron and one re-ask
+    with Atlas.open(tmp_path / "atlas") as atlas:
+        records = [atlas.neuron("planted", "detectors", u) for u in range(18)]
+    failed = [r for r in records if r.status == "failed"]
+    assert len(failed) == 1
+    assert failed[0].reason.startswith(
+        "summarizer failed: LLM answer was not a list of 1-5 word concepts"
+    )
+    for r in records:
+        if r.status == "ok":
+            assert r.labels and 1 <= len(r.candidates) <= 5
+            assert all(1 <= len(c.concept.split()) <= 5 for c in r.candidates)
