@@ -67,7 +67,8 @@ class _HFCaptioner(Captioner):
         self.device, self.dtype = resolve_device_dtype(device, dtype)
         model_cls, processor_cls = self._classes()
         self.model = load_pretrained(
-            model_cls.from_pretrained, self.model_id, self.revision, self.model_kind, dtype=self.dtype
+            model_cls.from_pretrained, self.model_id, self.revision, self.model_kind,
+            **dtype_kwarg("transformers", self.dtype),
         ).to(self.device).eval()
         self.processor = load_pretrained(processor_cls.from_pretrained, self.model_id, self.revision, self.model_kind)
 
@@ -101,7 +102,9 @@ class _HFCaptioner(Captioner):
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         ids = self.model.generate(
-            **inputs, max_new_tokens=self.max_new_tokens, min_length=self.min_length,
+            # min_length counts generated tokens only, so it means the same for
+            # BLIP and BLIP-2 (whose inputs carry 32 query tokens) and with a prompt
+            **inputs, max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_length,
             num_beams=self.num_beams, do_sample=False,
         )
         texts = self.processor.batch_decode(ids, skip_special_tokens=True)
@@ -120,7 +123,8 @@ class BlipCaptioner(_HFCaptioner):
 
     Options: ``model`` (hub id or local folder), ``revision``, ``device``
     ("auto"), ``dtype`` ("auto": fp16 on CUDA, fp32 on CPU),
-    ``max_new_tokens`` (32), ``min_length`` (5), ``num_beams`` (1),
+    ``max_new_tokens`` (32), ``min_length`` (5 generated tokens at least,
+    the prompt not counted), ``num_beams`` (1),
     ``batch_size`` (16), ``prompt`` (optional conditional prefix such as
     "a photo of", stripped from the captions)."""
 
@@ -167,6 +171,18 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[tor
     if key not in _DTYPES:
         raise BackendError(f"unknown dtype {dtype!r}; choose auto, {', '.join(sorted(_DTYPES))}")
     return dev, _DTYPES[key]
+
+
+def dtype_kwarg(library: str, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The ``from_pretrained`` keyword for a dtype: ``dtype`` where the
+    library has it (transformers >= 4.56, diffusers >= 0.42), else the older
+    ``torch_dtype`` (deprecated since then)."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    since = {"transformers": "4.56", "diffusers": "0.42"}[library]
+    return {"dtype" if Version(version(library)) >= Version(since) else "torch_dtype": dtype}
 
 
 def load_pretrained(

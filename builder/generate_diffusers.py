@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from builder.backends import Generator
-from builder.captioners_hf import load_error_message, resolve_device_dtype
+from builder.captioners_hf import dtype_kwarg, load_error_message, resolve_device_dtype
 from builder.errors import BackendError
 from builder.progress import progress
 
@@ -118,7 +118,7 @@ class DiffusersGenerator(Generator):
             index = diffusers.DiffusionPipeline.load_config(self.model_id, revision=self.revision)
         except Exception as exc:  # hub, file-system and format errors all mean "cannot load"
             raise BackendError(load_error_message(kind, self.model_id, self.revision, exc)) from exc
-        kwargs: dict[str, Any] = {"revision": self.revision, "torch_dtype": self.dtype}
+        kwargs: dict[str, Any] = {"revision": self.revision, **dtype_kwarg("diffusers", self.dtype)}
         if not self.safety_checker and "safety_checker" in index:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
         try:

@@ -18,3 +18,8 @@ from builder.registry import captioners, generators, similarities, summarizers, 
 # (heavy backends are added here)
 summarizers.register_lazy("openai", "builder.llm:OpenAISummarizer")
 captioners.register_lazy("openai-vision", "builder.llm:OpenAIVisionCaptioner")
+captioners.register_lazy("blip", "builder.captioners_hf:BlipCaptioner")
+captioners.register_lazy("blip2", "builder.captioners_hf:Blip2Captioner")
+generators.register_lazy("diffusers", "builder.generate_diffusers:DiffusersGenerator")
+similarities.register_lazy("clip", "builder.similarity_clip:ClipSimilarity")
+similarities.register_lazy("sentence", "builder.similarity_clip:SentenceSimilarity")
