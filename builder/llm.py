@@ -227,6 +227,15 @@ def _server_message(exc: Any) -> str:
     return str(getattr(exc, "message", exc))
 
 
+def _check_tokens_param(name: str) -> str:
+    """Which request field carries the token limit: OpenAI's reasoning models
+    refuse ``max_tokens`` and want ``max_completion_tokens``; local servers
+    take ``max_tokens``."""
+    if name not in ("max_tokens", "max_completion_tokens"):
+        raise BackendError("max_tokens_param must be 'max_tokens' or 'max_completion_tokens'")
+    return name
+
+
 class _OpenAIBackend:
     """Options and the client factory shared by both backends."""
 
@@ -336,9 +345,7 @@ class OpenAISummarizer(_OpenAIBackend, Summarizer):
         self._setup(model, base_url, api_key, timeout, max_retries, concurrency)
         self.temperature = None if temperature is None else float(temperature)
         self.max_tokens = int(max_tokens)
-        if max_tokens_param not in ("max_tokens", "max_completion_tokens"):
-            raise BackendError("max_tokens_param must be 'max_tokens' or 'max_completion_tokens'")
-        self.max_tokens_param = max_tokens_param
+        self.max_tokens_param = _check_tokens_param(max_tokens_param)
         self.system_prompt, self._system_sha = load_prompt(system_prompt)
         self.user_prompt, self._user_sha = load_prompt(user_prompt)
         self.retry_prompt, self._retry_sha = load_prompt(retry_prompt)
@@ -458,7 +465,7 @@ class OpenAIVisionCaptioner(_OpenAIBackend, Captioner):
 
     Each image goes inline as a base64 PNG data URL with the prompt file
     ``prompt``. Options: ``model`` (required), ``base_url``, ``api_key``,
-    ``max_tokens``, ``temperature`` (None omits it), ``detail`` (OpenAI's
+    ``max_tokens``, ``max_tokens_param``, ``temperature`` (None omits it), ``detail`` (OpenAI's
     image detail: low/high/auto; None omits it), ``timeout``,
     ``max_retries``, ``concurrency``. A request that fails after the
     client's retries, or an empty caption, raises ``BackendError``."""
@@ -472,6 +479,7 @@ class OpenAIVisionCaptioner(_OpenAIBackend, Captioner):
         base_url: str | None = None,
         api_key: str | None = None,
         max_tokens: int = 40,
+        max_tokens_param: str = "max_tokens",
         temperature: float | None = 0.0,
         detail: str | None = None,
         prompt: str = "caption_vision.txt",
@@ -481,6 +489,7 @@ class OpenAIVisionCaptioner(_OpenAIBackend, Captioner):
     ) -> None:
         self._setup(model, base_url, api_key, timeout, max_retries, concurrency)
         self.max_tokens = int(max_tokens)
+        self.max_tokens_param = _check_tokens_param(max_tokens_param)
         self.temperature = None if temperature is None else float(temperature)
         if detail not in (None, "low", "high", "auto"):
             raise BackendError("detail must be one of low, high, auto (or unset)")
@@ -515,7 +524,7 @@ class OpenAIVisionCaptioner(_OpenAIBackend, Captioner):
         ]
 
     async def _one(self, client: Any, item: CaptionItem) -> str:
-        params: dict[str, Any] = {"max_tokens": self.max_tokens}
+        params: dict[str, Any] = {self.max_tokens_param: self.max_tokens}
         if self.temperature is not None:
             params["temperature"] = self.temperature
         try:

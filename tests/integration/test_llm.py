@@ -292,6 +292,16 @@ def test_registered_lazily_under_openai_and_openai_vision(srv):
         summarizers.create("openai", model="m", base_url=srv.base_url, no_such_option=1)
 
 
+def test_reasoning_model_options_change_the_request_fields(srv):
+    s = summarizer(srv, temperature=None, max_tokens_param="max_completion_tokens", max_tokens=99)
+    s.summarize(CAPTIONS, 2)
+    body = srv.chat_requests[0].body
+    assert "temperature" not in body and "max_tokens" not in body
+    assert body["max_completion_tokens"] == 99
+    with pytest.raises(BackendError, match="max_tokens_param"):
+        summarizer(srv, max_tokens_param="tokens")
+
+
 def test_config_key_changes_with_the_prompt_text_and_answer_relevant_options(srv, tmp_path):
     prompt = tmp_path / "my_user.txt"
     prompt.write_text(data_path("prompts", "summarize_user.txt").read_text())
