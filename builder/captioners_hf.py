@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from builder.backends import CaptionItem, Captioner
+from builder.backends import Captioner, CaptionItem
 from builder.errors import BackendError
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,9 @@ class _HFCaptioner(Captioner):
             model_cls.from_pretrained, self.model_id, self.revision, self.model_kind,
             **dtype_kwarg("transformers", self.dtype),
         ).to(self.device).eval()
-        self.processor = load_pretrained(processor_cls.from_pretrained, self.model_id, self.revision, self.model_kind)
+        self.processor = load_pretrained(
+            processor_cls.from_pretrained, self.model_id, self.revision, self.model_kind
+        )
 
     def _classes(self) -> tuple[Any, Any]:
         raise NotImplementedError

@@ -99,7 +99,9 @@ class DiffusersGenerator(Generator):
         self.width = int(width) if width else None
         if output_size is not None:
             if len(output_size) != 2 or min(int(v) for v in output_size) < 1:
-                raise BackendError(f"diffusers generator: output_size must be (width, height), got {output_size!r}")
+                raise BackendError(
+                    f"diffusers generator: output_size must be (width, height), got {output_size!r}"
+                )
             self.output_size: tuple[int, int] | None = (int(output_size[0]), int(output_size[1]))
         else:
             self.output_size = None
@@ -214,7 +216,9 @@ class DiffusersGenerator(Generator):
             raise BackendError(f"diffusers generator ({self.model_id!r}) failed: {exc}") from exc
         imgs = list(out.images)
         if len(imgs) != len(chunk):
-            raise BackendError(f"diffusers generator: the pipeline returned {len(imgs)} images for {len(chunk)}")
+            raise BackendError(
+                f"diffusers generator: the pipeline returned {len(imgs)} images for {len(chunk)}"
+            )
         imgs = [im.convert("RGB") for im in imgs]
         if self.output_size:
             imgs = [im.resize(self.output_size, Image.Resampling.BICUBIC) for im in imgs]

@@ -77,7 +77,9 @@ class ClipSimilarity(Similarity):
         try:
             return get_embedder(self.text_embedder)
         except AtlasError as exc:
-            raise BackendError(f"{self.name} similarity: text_embedder {self.text_embedder!r}: {exc}") from exc
+            raise BackendError(
+                f"{self.name} similarity: text_embedder {self.text_embedder!r}: {exc}"
+            ) from exc
 
     def config_key(self) -> dict[str, Any]:
         return {"name": self.name, "model": self.model_id, "revision": self.revision,

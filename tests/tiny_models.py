@@ -19,10 +19,11 @@ from pathlib import Path
 # A small word list for the tokenizers: enough to tokenize test prompts and
 # to give generated captions several distinct tokens.
 WORDS = (
-    "a an the of in on with and photo picture image red green blue yellow black white "
-    "dog cat car tree house circle square triangle striped dotted plain background "
-    "face faces small large stripes sky grass water"
-).split()
+    "a", "an", "the", "of", "in", "on", "with", "and", "photo", "picture", "image", "red",
+    "green", "blue", "yellow", "black", "white", "dog", "cat", "car", "tree", "house", "circle",
+    "square", "triangle", "striped", "dotted", "plain", "background", "face", "faces", "small",
+    "large", "stripes", "sky", "grass", "water",
+)
 
 
 def _write_wordpiece_vocab(folder: Path) -> Path:
@@ -100,16 +101,16 @@ def make_tiny_blip(folder: str | Path, image_size: int = 64, seed: int = 0) -> P
         BlipImageProcessor(size={"height": image_size, "width": image_size}), tok
     )
     config = BlipConfig(
-        text_config=dict(
-            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_attention_heads=2,
-            num_hidden_layers=2, max_position_embeddings=64, encoder_hidden_size=32,
-            bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
-            sep_token_id=tok.sep_token_id, eos_token_id=tok.sep_token_id,
-        ),
-        vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
-            image_size=image_size, patch_size=16,
-        ),
+        text_config={
+            "vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+            "num_hidden_layers": 2, "max_position_embeddings": 64, "encoder_hidden_size": 32,
+            "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id,
+            "sep_token_id": tok.sep_token_id, "eos_token_id": tok.sep_token_id,
+        },
+        vision_config={
+            "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2,
+            "image_size": image_size, "patch_size": 16,
+        },
         projection_dim=32,
     )
     torch.manual_seed(seed)
@@ -137,15 +138,16 @@ def make_tiny_clip(folder: str | Path, image_size: int = 32, seed: int = 0) -> P
     )
     processor = CLIPProcessor(image_processor=image_processor, tokenizer=tok)
     config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_attention_heads=2,
-            num_hidden_layers=2, max_position_embeddings=16,
-            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        ),
-        vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
-            image_size=image_size, patch_size=8,
-        ),
+        text_config={
+            "vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+            "num_hidden_layers": 2, "max_position_embeddings": 16,
+            "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+        },
+        vision_config={
+            "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2,
+            "image_size": image_size, "patch_size": 8,
+        },
         projection_dim=16,
     )
     torch.manual_seed(seed)
@@ -160,7 +162,12 @@ def make_tiny_sd(folder: str | Path, sample_size: int = 16, seed: int = 0) -> Pa
     The VAE downsamples by 2 (two blocks), so default images are
     ``2 * sample_size`` pixels square (32x32)."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     folder = Path(folder)
@@ -220,19 +227,21 @@ def make_tiny_blip2(folder: str | Path, image_size: int = 32, seed: int = 0) -> 
     )
     image_token_id = tok.convert_tokens_to_ids("<image>")
     config = Blip2Config(
-        vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
-            image_size=image_size, patch_size=8,
-        ),
-        qformer_config=dict(
-            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_attention_heads=2,
-            num_hidden_layers=2, encoder_hidden_size=32, max_position_embeddings=64,
-        ),
-        text_config=dict(
-            model_type="opt", vocab_size=len(tok), hidden_size=32, ffn_dim=64, num_attention_heads=2,
-            num_hidden_layers=2, word_embed_proj_dim=32, max_position_embeddings=64,
-            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        ),
+        vision_config={
+            "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2,
+            "image_size": image_size, "patch_size": 8,
+        },
+        qformer_config={
+            "vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+            "num_hidden_layers": 2, "encoder_hidden_size": 32, "max_position_embeddings": 64,
+        },
+        text_config={
+            "model_type": "opt", "vocab_size": len(tok), "hidden_size": 32, "ffn_dim": 64,
+            "num_attention_heads": 2,
+            "num_hidden_layers": 2, "word_embed_proj_dim": 32, "max_position_embeddings": 64,
+            "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+        },
         num_query_tokens=num_query_tokens,
         image_token_index=image_token_id,
     )
