@@ -145,8 +145,8 @@ def build(cfg: BuildConfig, cache_enabled: bool = True) -> BuildSummary:
             if cfg.dissect.enabled else None
         )
         writer.set_meta(
-            build_config=cfg.to_dict(),
-            build_fingerprint=cfg.fingerprint(),
+            build_config=cfg.redacted(),
+            build_fingerprint=_redact_fingerprint(cfg),
             embedder=cfg.embedder,
             embedder_dim=int(embedder.dim),
             similarity=getattr(similarity, "describe", lambda: similarity.name)(),
@@ -170,12 +170,18 @@ def build(cfg: BuildConfig, cache_enabled: bool = True) -> BuildSummary:
     return BuildSummary(str(out), summaries, time.perf_counter() - t_start)
 
 
+def _redact_fingerprint(cfg: BuildConfig) -> dict[str, Any]:
+    from builder.config import _redact
+
+    return _redact(cfg.fingerprint())
+
+
 def _check_resume(writer: AtlasWriter, cfg: BuildConfig) -> None:
     """Refuse to mix configs in one atlas: resuming needs the same settings."""
     old = writer.meta().get("build_fingerprint")
     if not old:
         return
-    new = cfg.fingerprint()
+    new = _redact_fingerprint(cfg)
     old_models = {m["name"]: m for m in old.get("models", [])}
     for m in new["models"]:
         if m["name"] in old_models and old_models[m["name"]] != m:
@@ -235,9 +241,10 @@ def _build_model(
          "summary": summary, "vit_tokens": m.vit_tokens, "input_size": target.input_size},
         [(lay, records[lay].kind, records[lay].n_units) for lay in m.layers],
     )
-    if target.ground_truth:
+    known = {lay: info for lay, info in target.ground_truth.items() if lay in m.layers}
+    if known:
         gt = writer.meta().get("ground_truth", {})
-        gt[m.name] = target.ground_truth
+        gt[m.name] = known
         writer.set_meta(ground_truth=gt)
     ms.seconds["record"] += time.perf_counter() - t0
 

@@ -212,6 +212,11 @@ class BuildConfig:
         except TypeError as exc:  # a missing required key
             raise ConfigError(str(exc)) from exc
 
+    def redacted(self) -> dict[str, Any]:
+        """``to_dict`` with secrets (``api_key``, ``token``, ``password`` in any
+        backend options) replaced: this is what an atlas publishes."""
+        return _redact(self.to_dict())
+
     def to_json(self) -> str:
         """Canonical JSON (sorted keys): saved in the atlas meta."""
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -316,6 +321,20 @@ def _unit_interval(obj: Any, *names: str) -> None:
         value = getattr(obj, name)
         if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
             raise ConfigError(f"{type(obj).__name__}.{name} must be in [0, 1], got {value!r}")
+
+
+_SECRET_WORDS = ("api_key", "apikey", "token", "password", "secret")
+
+
+def _redact(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {
+            k: ("<redacted>" if any(w in k.lower() for w in _SECRET_WORDS) and v else _redact(v))
+            for k, v in obj.items()
+        }
+    if isinstance(obj, list):
+        return [_redact(v) for v in obj]
+    return obj
 
 
 def _to_jsonable(obj: Any) -> Any:

@@ -77,8 +77,11 @@ def evaluate_synthetic(atlas_dir: str | Path, mpnet: bool = True) -> dict[str, A
         single: list[bool] = []
         double: list[bool] = []
         per_unit: list[dict[str, Any]] = []
+        built = set(con.execute("SELECT model, layer FROM layers").fetchall())
         for model, layers in sorted(gt.items()):
             for layer, info in sorted(layers.items()):
+                if (model, layer) not in built:
+                    continue
                 labels = _labels(con, model, layer)
                 for unit, concepts in enumerate(info["concepts"]):
                     labs = labels.get(unit, [])

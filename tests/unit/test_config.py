@@ -45,3 +45,11 @@ def test_toml_file_and_overrides(tmp_path):
     f.write_text("not = [toml")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(f)
+
+
+def test_secrets_are_redacted_from_what_the_atlas_saves():
+    cfg = BuildConfig.from_dict({**BASE, "describe": {"summarizer": "openai",
+                                                      "summarizer_options": {"model": "m", "api_key": "sk-abc"}}})
+    saved = cfg.redacted()
+    assert saved["describe"]["summarizer_options"] == {"model": "m", "api_key": "<redacted>"}
+    assert cfg.describe.summarizer_options["api_key"] == "sk-abc"  # the build itself still has it
