@@ -8,6 +8,7 @@ hub is reached (HF_HUB_OFFLINE=1, set in conftest.py).
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -292,3 +293,37 @@ def test_gpu_fp16_auto_and_batch_independence(tiny_sd, tiny_blip, tiny_clip):
     sim = similarities.create("clip", model=str(tiny_clip))
     e = sim.embed_images(_images(3))
     assert e.dtype == np.float32 and np.allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-3)
+
+
+# --- the three together in a build -------------------------------------------------------------------
+
+
+def test_build_with_blip_diffusers_and_clip(tmp_path, tiny_blip, tiny_sd, tiny_clip):
+    """A small build selects the real backends by name from the config and
+    records them in the atlas meta (about 5 s on one thread)."""
+    import duckdb
+
+    from builder.build import build
+    from builder.config import BuildConfig
+    from builder.synthetic.probe import write_probe_set
+
+    probe = write_probe_set(tmp_path / "probe", n=24, seed=3, progress=False)
+    cfg = BuildConfig.from_dict({
+        "out": str(tmp_path / "atlas"), "chunk_size": 4,
+        "models": [{"name": "planted", "target": "planted", "probe": str(probe), "layers": ["detectors"]}],
+        "describe": {"captioner": "blip", "captioner_options": {"model": str(tiny_blip), "max_new_tokens": 6}},
+        "dissect": {"generator": "diffusers", "generator_options": {"model": str(tiny_sd), "steps": 1},
+                    "similarity": "clip", "similarity_options": {"model": str(tiny_clip)}},
+    })
+    build(cfg)
+    con = duckdb.connect(str(tmp_path / "atlas" / "atlas.duckdb"), read_only=True)
+    try:
+        meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
+        labels = [r[0] for r in con.execute("SELECT text FROM labels").fetchall()]
+        n_ok = con.execute("SELECT count(*) FROM neurons WHERE status = 'ok'").fetchone()[0]
+    finally:
+        con.close()
+    assert "CLIP" in json.loads(meta["similarity"])
+    gen = json.loads(meta["generator_config"])
+    assert gen["name"] == "diffusers" and gen["model"] == str(tiny_sd) and gen["steps"] == 1
+    assert n_ok > 0 and labels and all(isinstance(t, str) and t for t in labels)
