@@ -364,6 +364,7 @@ def mkdocs_yml(site_name: str, nav: list[Any], not_in_nav: Sequence[str]) -> str
         "use_directory_urls: false",
         "theme:",
         "  name: material",
+        "  font: false  # no Google Fonts: the site makes no third-party requests",
         "  features: [search.suggest, search.highlight]",
         "plugins:",
         "  - search",
