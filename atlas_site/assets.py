@@ -16,10 +16,10 @@ CSS = """\
   font-size: .7rem; margin: .5rem 0; }
 .atlas-controls input { font: inherit; padding: .1rem .3rem; border: 1px solid #999;
   border-radius: .2rem; }
-.md-typeset table.atlas-sortable th[data-sort] { cursor: pointer; user-select: none; }
-.md-typeset table.atlas-sortable th[data-sort]::after { content: " \\2195"; opacity: .4; }
-.md-typeset table.atlas-sortable th[aria-sort="ascending"]::after { content: " \\2191"; opacity: 1; }
-.md-typeset table.atlas-sortable th[aria-sort="descending"]::after { content: " \\2193"; opacity: 1; }
+.md-typeset table[data-sortable] th[data-sort] { cursor: pointer; user-select: none; }
+.md-typeset table[data-sortable] th[data-sort]::after { content: " \\2195"; opacity: .4; }
+.md-typeset table[data-sortable] th[aria-sort="ascending"]::after { content: " \\2191"; opacity: 1; }
+.md-typeset table[data-sortable] th[aria-sort="descending"]::after { content: " \\2193"; opacity: 1; }
 .atlas-muted { color: var(--md-default-fg-color--light); }
 .md-typeset pre.atlas-config { max-height: 30rem; overflow: auto; font-size: .6rem; }
 """
@@ -73,7 +73,7 @@ JS = """\
     if (count) count.textContent = shown + " of " + rows.length + " neurons";
   }
   function init() {
-    document.querySelectorAll("table.atlas-sortable th[data-sort]").forEach(function (th) {
+    document.querySelectorAll("table[data-sortable] th[data-sort]").forEach(function (th) {
       th.tabIndex = 0;
       var table = th.closest("table");
       th.addEventListener("click", function () { sortTable(table, th); });

@@ -166,7 +166,7 @@ def render_neuron(
     ]
     if rec.reason:
         facts.append(("Reason", text(rec.reason)))
-    out.append('<table class="atlas-facts"><tbody>\n')
+    out.append('<table><tbody>\n')
     out += [f"<tr><th>{k}</th><td>{v}</td></tr>\n" for k, v in facts]
     out.append("</tbody></table>\n")
 
@@ -182,7 +182,7 @@ def render_neuron(
 
     if rec.candidates:
         out.append(
-            "<h2>Candidate concepts</h2>\n<table class=\"atlas-candidates\"><thead><tr>"
+            "<h2>Candidate concepts</h2>\n<table><thead><tr>"
             "<th>#</th><th>Concept</th><th>TopK-Squared</th><th>Image-Products</th>"
             "<th>Score</th><th>Label</th><th>Generated samples</th></tr></thead><tbody>\n")
         for c in rec.candidates:
@@ -195,7 +195,7 @@ def render_neuron(
         out.append("</tbody></table>\n")
 
     if rec.calls:
-        out.append("<h2>Calls per stage</h2>\n<table class=\"atlas-calls\"><thead><tr>"
+        out.append("<h2>Calls per stage</h2>\n<table><thead><tr>"
                    "<th>Stage</th><th>Calls</th><th>Cached</th></tr></thead><tbody>\n")
         out += [f"<tr><td>{text(stage)}</td><td>{calls}</td><td>{cached}</td></tr>\n"
                 for stage, (calls, cached) in rec.calls.items()]
@@ -241,7 +241,7 @@ def render_layer(li: LayerInfo, records: Sequence[NeuronRecord], images: ImageSe
         'placeholder="words in labels"></label>'
         '<label>Minimum score <input type="number" step="any" class="atlas-min"></label>'
         '<span class="atlas-count"></span></div>\n'
-        f'<table class="atlas-units atlas-sortable" id="{table_id}" data-search-exclude>'
+        f'<table id="{table_id}" data-sortable data-search-exclude>'
         '<thead><tr><th data-sort="num">Unit</th><th>Top image</th>'
         '<th data-sort="text">Label 1</th><th data-sort="num">Score</th>'
         '<th data-sort="num">Interpretability</th><th data-sort="text">Status</th>'
@@ -271,7 +271,7 @@ def render_layer(li: LayerInfo, records: Sequence[NeuronRecord], images: ImageSe
 
 def _layers_table(page: str, layers: Sequence[LayerInfo], with_model: bool) -> list[str]:
     head = "<th>Model</th>" if with_model else ""
-    out = [f"<table class=\"atlas-layers\"><thead><tr>{head}<th>Layer</th><th>Kind</th>"
+    out = [f"<table><thead><tr>{head}<th>Layer</th><th>Kind</th>"
            "<th>Units</th><th>OK</th><th>Dead</th><th>Failed</th></tr></thead><tbody>\n"]
     for li in layers:
         model = (f'<td><a href="{href(page, model_page(li.model) + ".html")}">'
@@ -303,7 +303,7 @@ def render_model(mi: ModelInfo | None, name: str, layers: Sequence[LayerInfo]) -
     out.append(f'<p class="atlas-crumbs"><a href="{href(page, "index.html")}">Home</a> › '
                f"{text(name)}</p>\n")
     if mi is not None:
-        out.append("<table class=\"atlas-facts\"><tbody>\n")
+        out.append("<table><tbody>\n")
         for k, v in [("Target", mi.target), ("Probe set", mi.probe),
                      ("Probe images", mi.n_probe_images), ("Skipped images", mi.n_skipped_images)]:
             out.append(f"<tr><th>{k}</th><td>{text(v)}</td></tr>\n")
@@ -335,7 +335,7 @@ def render_home(site_name: str, meta: dict[str, Any], layers: Sequence[LayerInfo
             for m in model_names]
     out.append("</ul>\n<h2>Layers</h2>\n")
     out += _layers_table(page, layers, with_model=True)
-    out.append("<h2>How this atlas was built</h2>\n<table class=\"atlas-facts\"><tbody>\n")
+    out.append("<h2>How this atlas was built</h2>\n<table><tbody>\n")
     for key, value in meta.items():
         if key in CONFIG_KEYS:
             continue

@@ -162,7 +162,7 @@ def test_layer_page_is_a_sortable_table(built):
     page = (built["normal"] / "layers/cnn/conv4.html").read_text()
     rows = re.findall(r'<tr data-score="([^"]*)"', page)
     assert len(rows) == 3  # units 0, 1 and the dead unit 2
-    assert 'class="atlas-units atlas-sortable"' in page and 'data-sort="num"' in page
+    assert '<table id="units" data-sortable' in page and 'data-sort="num"' in page
     assert 'href="../../neurons/cnn/conv4/1.html"' in page
     assert 'src="../../images/ev/1.webp"' in page
 
