@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import recording, search
+from bench import pipeline, recording, search
 
-BENCHES = {"recording": recording.run, "search": search.run}
+BENCHES = {"recording": recording.run, "search": search.run, "pipeline": pipeline.run}
 
 
 def main(argv: list[str] | None = None) -> int:

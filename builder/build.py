@@ -249,7 +249,8 @@ def _build_model(
     ms.seconds["record"] += time.perf_counter() - t0
 
     done = writer.done_units(m.name)
-    todo = [(lay, u) for lay in m.layers for u in range(records[lay].n_units) if (lay, u) not in done]
+    selected = {lay: _units(m, records[lay].n_units) for lay in m.layers}
+    todo = [(lay, u) for lay in m.layers for u in selected[lay] if (lay, u) not in done]
     dead = [n for n in todo if is_dead(records[n[0]], n[1])]
     writer.write_neurons(
         NeuronResult(m.name, lay, u, "dead", "constant activation over the probe set",
@@ -264,7 +265,7 @@ def _build_model(
 
     # -- step 1: attention crops (cached as a whole) ---------------------------
     t0 = time.perf_counter()
-    all_live = [(lay, u) for lay in m.layers for u in range(records[lay].n_units) if not is_dead(records[lay], u)]
+    all_live = [(lay, u) for lay in m.layers for u in selected[lay] if not is_dead(records[lay], u)]
     ckey = content_key("crops", rkey, cfg.crop.__dict__, cfg.record.top_k)
     cached = cache.get_json("crops", ckey)
     if cached is not None:
@@ -300,6 +301,11 @@ def _build_model(
         for stage, secs in ms.seconds.items():
             writer.add_stage_time(m.name, stage, secs)
     return ms
+
+
+def _units(m: ModelConfig, n_units: int) -> list[int]:
+    """The units of a layer to describe: ``m.units`` that exist, or all."""
+    return [u for u in m.units if u < n_units] if m.units else list(range(n_units))
 
 
 class _Context:

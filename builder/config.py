@@ -33,6 +33,7 @@ class ModelConfig:
     target_options: dict[str, Any] = field(default_factory=dict)
     summary: str = ""  # "" = record.summary
     vit_tokens: str = "cls"  # cls | patches: how a ViT channel is summarized
+    units: tuple[int, ...] = ()  # describe only these unit indices of each layer; () = all
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
@@ -47,6 +48,8 @@ class ModelConfig:
             raise ConfigError(f"model {self.name!r}: summary must be 'mean' or 'max'")
         if self.vit_tokens not in ("cls", "patches"):
             raise ConfigError(f"model {self.name!r}: vit_tokens must be 'cls' or 'patches'")
+        if any(not isinstance(u, int) or u < 0 for u in self.units):
+            raise ConfigError(f"model {self.name!r}: units must be non-negative unit indices")
 
 
 @dataclass(frozen=True)
@@ -201,8 +204,9 @@ class BuildConfig:
                         raise ConfigError(f"models[{i}] must be a table")
                     _check_keys(ModelConfig, m, f"models[{i}].")
                     m = dict(m)
-                    if "layers" in m:
-                        m["layers"] = tuple(m["layers"])
+                    for key in ("layers", "units"):
+                        if key in m:
+                            m[key] = tuple(m[key])
                     models.append(ModelConfig(**m))
                 kwargs["models"] = tuple(models)
             else:

@@ -83,8 +83,11 @@ def plan(cfg: BuildConfig) -> dict[str, Any]:
     for m in cfg.models:
         probe = ProbeSet.scan(m.probe)
         layers = layer_plans(m)
-        neurons = sum(p.n_units for p in layers)
-        croppable = sum(p.n_units for p in layers if p.has_maps) if cfg.crop.enabled else 0
+        def count(p: LayerPlan) -> int:
+            return len([u for u in m.units if u < p.n_units]) if m.units else p.n_units
+
+        neurons = sum(count(p) for p in layers)
+        croppable = sum(count(p) for p in layers if p.has_maps) if cfg.crop.enabled else 0
         generated = neurons * n * q if cfg.dissect.enabled else 0
         calls = {
             "target_forward_images": len(probe) + croppable * k * cfg.crop.max_crops + generated,
