@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import pipeline, recording, search
+from bench import pipeline, recording, search, site
 
-BENCHES = {"recording": recording.run, "search": search.run, "pipeline": pipeline.run}
+BENCHES = {"recording": recording.run, "search": search.run, "pipeline": pipeline.run, "site": site.run}
 
 
 def main(argv: list[str] | None = None) -> int:

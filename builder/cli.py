@@ -60,6 +60,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key of the demo build (repeatable)")
     p.add_argument("--json", action="store_true", help="print the build summary as JSON")
+    p.add_argument("--no-site", dest="site", action="store_false", help="do not build the demo's static site")
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -70,8 +71,17 @@ def run_demo(args: argparse.Namespace) -> int:
 
         raise ConfigError("--probe-images must be at least 20")
     rc = _run(lambda: demo(args.out, args.probe_images, args.seed, args.overrides), args.json, args.out)
-    if rc == 0 and not args.json:
-        _print_examples(f"{args.out}/atlas")
+    if rc != 0 or args.json:
+        return rc
+    _print_examples(f"{args.out}/atlas")
+    if args.site:
+        import shlex
+
+        from atlas_site.build import SITE_DIR, build_site
+
+        site = build_site(f"{args.out}/atlas", args.out, site_name="dnd-atlas demo")
+        print(f"\nthe demo site is in {site.parent / SITE_DIR}; open it with:\n"
+              f"  python -m http.server -d {shlex.quote(str(site.parent / SITE_DIR))}  (then http://127.0.0.1:8000/)")
     return rc
 
 
