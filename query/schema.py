@@ -117,7 +117,21 @@ _V1 = [
     )""",
 ]
 
-MIGRATIONS: list[list[str]] = [_V1]
+# v2: evaluation results (`dnd-atlas eval`), shown on the site's home page.
+_V2 = [
+    """CREATE TABLE evaluations (
+        protocol VARCHAR NOT NULL,        -- final-layer | cosy | classifier | synthetic
+        model VARCHAR NOT NULL,           -- '' = the whole atlas
+        layer VARCHAR NOT NULL,           -- '' = all layers of the model
+        metric VARCHAR NOT NULL,
+        value DOUBLE,
+        details VARCHAR,                  -- JSON: per-unit results, parameters
+        evaluated_at TIMESTAMP NOT NULL,
+        PRIMARY KEY (protocol, model, layer, metric)
+    )""",
+]
+
+MIGRATIONS: list[list[str]] = [_V1, _V2]
 FORMAT_VERSION = len(MIGRATIONS)
 
 

@@ -126,6 +126,9 @@ def _run_until_written(cfg: Path, sig: int) -> subprocess.Popen:
     proc = subprocess.Popen(
         [sys.executable, "-m", "query.cli", "--log-level", "INFO", "build", "--config", str(cfg)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        # a shell without job control starts background jobs with SIGINT ignored,
+        # and Python then installs no Ctrl-C handler: give the build the default
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 300
     for line in proc.stderr:  # type: ignore[union-attr]

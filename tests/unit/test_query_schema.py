@@ -46,6 +46,10 @@ EXPECTED = {
         ("reason", "VARCHAR"), ("max_activation", "DOUBLE"), ("interpretability", "DOUBLE"),
     ],
     "stage_times": [("model", "VARCHAR"), ("stage", "VARCHAR"), ("seconds", "DOUBLE")],
+    "evaluations": [
+        ("protocol", "VARCHAR"), ("model", "VARCHAR"), ("layer", "VARCHAR"), ("metric", "VARCHAR"),
+        ("value", "DOUBLE"), ("details", "VARCHAR"), ("evaluated_at", "TIMESTAMP"),
+    ],
 }
 
 
@@ -62,7 +66,7 @@ def _columns(con):
 
 def test_schema_golden():
     con = duckdb.connect()
-    assert migrate(con) == FORMAT_VERSION == 1
+    assert migrate(con) == FORMAT_VERSION == 2
     assert _columns(con) == EXPECTED
     assert current_version(con) == FORMAT_VERSION
 
@@ -80,3 +84,18 @@ def test_label_id_is_stable_and_63_bit():
     assert label_id("m", "layer1", 3, 1) == label_id("m", "layer1", 3, 1)
     assert label_id("m", "layer1", 3, 1) != label_id("m", "layer1", 3, 2)
     assert 0 <= label_id("m", "layer1", 3, 1) < 2**63
+
+
+def test_a_version_1_atlas_is_migrated_in_order(tmp_path):
+    from query.schema import MIGRATIONS
+
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    for stmt in MIGRATIONS[0]:
+        con.execute(stmt)
+    con.execute("INSERT INTO meta VALUES ('format_version', '1')")
+    con.execute("INSERT INTO models VALUES ('m', 't', 'p', 1, 0, '{}')")
+    assert current_version(con) == 1
+    assert migrate(con) == 2
+    assert con.execute("SELECT model FROM models").fetchall() == [("m",)]  # data kept
+    assert "evaluations" in _columns(con)
