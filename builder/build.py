@@ -9,6 +9,8 @@ everything it already paid for in the cache.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import inspect
 import io
@@ -17,7 +19,7 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -343,17 +345,14 @@ class _Context:
     def evidence_key(self, e: EvidenceItem) -> str:
         return content_key("probe-image", self.digest(e.image), list(e.box) if e.box else None, self.target.input_size)
 
-    def timed(self, stage: str):
-        ms = self.ms
-
-        class _T:
-            def __enter__(self_inner):
-                self_inner.t = time.perf_counter()
-
-            def __exit__(self_inner, *a):
-                ms.seconds[stage] += time.perf_counter() - self_inner.t
-
-        return _T()
+    @contextlib.contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        """Add the wall time of the block to the model's ``stage`` total."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.ms.seconds[stage] += time.perf_counter() - t
 
     # -- the chunk -----------------------------------------------------------------
     def process_chunk(self, chunk: Sequence[NeuronKey], evidence: dict[NeuronKey, list[EvidenceItem]],
@@ -514,7 +513,7 @@ class _Context:
             final = []
             for r in results:
                 labels = tuple(LabelRow(lab.rank, lab.text, lab.concept_score, next(vecs)) for lab in r.labels)
-                final.append(_replace(r, labels=labels))
+                final.append(dataclasses.replace(r, labels=labels))
             self.writer.write_neurons(final)
         self.ms.neurons += len(chunk)
         self.ms.ok += sum(1 for r in final if r.status == "ok")
@@ -638,12 +637,6 @@ class _Label:
 class _NoScore:
     concept: str
     score: float = 0.0
-
-
-def _replace(r: NeuronResult, **kw: Any) -> NeuronResult:
-    import dataclasses
-
-    return dataclasses.replace(r, **kw)
 
 
 def _prompt_template(name: str) -> str:

@@ -294,23 +294,3 @@ def forward_summaries(
             for name in layers:
                 out[name].append(summarize(current[name], summary, vit_tokens).float().cpu().numpy())
     return {name: np.concatenate(v) if v else np.zeros((0, 0), np.float32) for name, v in out.items()}
-
-
-def forward_maps(
-    target: Target, images: Sequence[Image.Image], layers: Sequence[str], batch_size: int = 32
-) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """Yield (start, {layer: maps (b, C, h, w)}) batch by batch: the
-    activation maps of layers that have them, for cropping."""
-    current: dict[str, torch.Tensor] = {}
-    with hooked(target.module, layers, lambda n, o: current.__setitem__(n, o)), torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            batch = torch.stack([target.preprocess(im) for im in chunk]).to(target.device, target.dtype)
-            current.clear()
-            target.module(batch)
-            maps = {}
-            for name in layers:
-                m = activation_maps(current[name])
-                if m is not None:
-                    maps[name] = m.float().cpu().numpy()
-            yield start, maps
