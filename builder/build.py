@@ -124,7 +124,10 @@ def target_fingerprint(target: Target, spec: str, options: dict[str, Any]) -> st
     h = hashlib.sha256(json.dumps([spec, options], sort_keys=True, default=str).encode())
     for name, t in sorted(target.module.state_dict().items()):
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().cpu().numpy().tobytes())
+        t = t.detach().cpu()
+        if t.dtype == torch.bfloat16:  # numpy has no bfloat16
+            t = t.float()
+        h.update(t.contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
