@@ -463,10 +463,10 @@ def record_units(
                     for i in range(start, min(n, start + batch_size)):
                         if not readable[i]:
                             continue
+                        # a corrupt file (or one the preprocessing refuses) is skipped and counted
                         try:
                             tensors.append(target.preprocess(probe.open(i)))
                             idx.append(i)
-                        # a corrupt file (or one the preprocessing refuses) is skipped and counted
                         except (BuildError, OSError, ValueError, TypeError, RuntimeError) as exc:
                             log.warning("skipping %s: %s", probe.files[i], exc)
                             readable[i] = False
