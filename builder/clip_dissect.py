@@ -39,6 +39,7 @@ Steps per model:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -143,7 +144,7 @@ def concept_probabilities(p: np.ndarray, a: float) -> np.ndarray:
 
 
 def soft_wpmi_from_probs(
-    probs: np.ndarray, acts: np.ndarray, params: SoftWPMIParams = SoftWPMIParams(), chunk: int = 32
+    probs: np.ndarray, acts: np.ndarray, params: SoftWPMIParams = SoftWPMIParams(), chunk: int = 0
 ) -> np.ndarray:
     """SoftWPMI scores (units, concepts) from p(concept | image) (images,
     concepts) and activations (images, units); see ``soft_wpmi``."""
@@ -155,6 +156,8 @@ def soft_wpmi_from_probs(
     idx = top_images(acts, k)
     units = acts.shape[1]
     log_cond = np.empty((units, probs.shape[1]), dtype=np.float64)
+    # units per step: the gathered (units, k, concepts) float64 block stays near 128 MB
+    chunk = chunk or max(1, int(128e6 // (8 * k * max(1, probs.shape[1]))))
     for s in range(0, units, chunk):
         sel = np.asarray(probs[idx[s : s + chunk]], dtype=np.float64)  # (c, k, concepts)
         log_cond[s : s + chunk] = np.log(1.0 + w * (sel - 1.0) + params.eps).sum(axis=1)
@@ -164,7 +167,9 @@ def soft_wpmi_from_probs(
     return log_cond - params.lam * log_prior
 
 
-def soft_wpmi(p: np.ndarray, acts: np.ndarray, params: SoftWPMIParams = SoftWPMIParams()) -> np.ndarray:
+def soft_wpmi(
+    p: np.ndarray, acts: np.ndarray, params: SoftWPMIParams = SoftWPMIParams()
+) -> np.ndarray:
     """CLIP-Dissect's SoftWPMI score of every concept for every unit.
 
     Inputs: ``p`` (images, concepts), the cosine similarity of each probe
@@ -252,7 +257,7 @@ class _ClipSpace(_JointSpace):
         if getattr(sim, "text_embedder", "clip") != "clip":
             raise BuildError(
                 "clip-dissect needs CLIP's text tower for concepts: drop "
-                "dissect.similarity_options.text_embedder (or set it to \"clip\")"
+                'dissect.similarity_options.text_embedder (or set it to "clip")'
             )
         self.sim = sim
         self.key = {"space": "clip", **sim.config_key()}
@@ -307,11 +312,15 @@ def _joint_space(cfg: BuildConfig) -> _JointSpace:
     """CLIP when the configured similarity is ``clip``; else the caption
     stand-in when every model's probe folder has a captions.jsonl."""
     if cfg.dissect.similarity == "clip":
-        return _ClipSpace(_create(similarities, "clip", cfg.dissect.similarity_options, device=cfg.device))
-    no_caps = [m.name for m in cfg.models if not (ProbeSet.scan(m.probe).root / "captions.jsonl").is_file()]
+        return _ClipSpace(
+            _create(similarities, "clip", cfg.dissect.similarity_options, device=cfg.device)
+        )
+    no_caps = [
+        m.name for m in cfg.models if not (ProbeSet.scan(m.probe).root / "captions.jsonl").is_file()
+    ]
     if no_caps:
         raise BuildError(
-            f"clip-dissect needs an image-text space: set dissect.similarity = \"clip\" (a CLIP model in "
+            f'clip-dissect needs an image-text space: set dissect.similarity = "clip" (a CLIP model in '
             f"dissect.similarity_options.model), or give every probe folder a captions.jsonl for the caption "
             f"stand-in (missing for model {no_caps[0]!r}); the {cfg.dissect.similarity!r} similarity is not "
             "a joint image-text space"
@@ -323,8 +332,14 @@ def _joint_space(cfg: BuildConfig) -> _JointSpace:
 
 
 def record_all(
-    target: Target, probe: ProbeSet, layers: Sequence[str], path: Path, summary: str = "mean",
-    vit_tokens: str = "cls", batch_size: int = 64, num_workers: int = 0,
+    target: Target,
+    probe: ProbeSet,
+    layers: Sequence[str],
+    path: Path,
+    summary: str = "mean",
+    vit_tokens: str = "cls",
+    batch_size: int = 64,
+    num_workers: int = 0,
 ) -> tuple[np.ndarray, dict[str, tuple[str, int]], np.ndarray]:
     """Every image's summary of every unit of ``layers``, written to the
     float32 ``.npy`` file ``path`` (temp name, then renamed; reused when it
@@ -335,13 +350,20 @@ def record_all(
     if path.is_file() and info_path.is_file():
         info = json.loads(info_path.read_text())
         acts = np.load(path, mmap_mode="r")
-        return acts, {k: (v[0], int(v[1])) for k, v in info["layers"].items()}, np.array(info["valid"], bool)
+        return (
+            acts,
+            {k: (v[0], int(v[1])) for k, v in info["layers"].items()},
+            np.array(info["valid"], bool),
+        )
     target.check_layers(layers)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
     loader = torch.utils.data.DataLoader(
-        _ProbeDataset(probe, target.preprocess), batch_size=batch_size, num_workers=num_workers,
-        collate_fn=_collate, shuffle=False,
+        _ProbeDataset(probe, target.preprocess),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        shuffle=False,
     )
     valid = np.zeros(len(probe), dtype=bool)
     kinds: dict[str, tuple[str, int]] = {}
@@ -363,7 +385,9 @@ def record_all(
                     cols.append(s)
                 flat = np.concatenate(cols, axis=1)
                 if out is None:
-                    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(probe), flat.shape[1]))
+                    out = np.lib.format.open_memmap(
+                        tmp, mode="w+", dtype=np.float32, shape=(len(probe), flat.shape[1])
+                    )
                     out[:] = 0.0
                 ix = indices.numpy()
                 out[ix] = flat
@@ -377,7 +401,9 @@ def record_all(
     del out
     os.replace(tmp, path)
     info_tmp = info_path.with_name(f".{info_path.name}.{os.getpid()}.tmp")
-    info_tmp.write_text(json.dumps({"layers": {k: list(v) for k, v in kinds.items()}, "valid": valid.tolist()}))
+    info_tmp.write_text(
+        json.dumps({"layers": {k: list(v) for k, v in kinds.items()}, "valid": valid.tolist()})
+    )
     os.replace(info_tmp, info_path)
     return np.load(path, mmap_mode="r"), kinds, valid
 
@@ -408,7 +434,7 @@ def build_clip_dissect(
     *,
     concepts_file: str | os.PathLike[str] | None = None,
     cache_enabled: bool = True,
-    params: SoftWPMIParams = SoftWPMIParams(),
+    params: SoftWPMIParams | None = None,
 ) -> BuildSummary:
     """Build (or resume) the atlas ``cfg.out`` with CLIP-Dissect labels.
 
@@ -417,17 +443,28 @@ def build_clip_dissect(
     embedder, the top ``record.top_k`` probe images as evidence (thumbnails,
     no crops), the best ``N_CANDIDATES`` concepts with their scores as
     candidates, and the FAISS index. ``concepts_file`` is a word list path or
-    the name of one in data/concepts (default common-visual.txt). With
-    ``cache_enabled=False`` activations and embeddings are recomputed."""
+    the name of one in data/concepts (default: ``cfg.clip_dissect.concepts``
+    when the config has that table, else common-visual.txt); ``params``
+    default to the fields of ``cfg.clip_dissect`` named like
+    ``SoftWPMIParams``'s, else the published defaults. With
+    ``cache_enabled=False`` activations and embeddings are recomputed (in a
+    temporary folder removed at the end)."""
     t_start = time.perf_counter()
     out = Path(cfg.out)
-    concepts = load_concepts(concepts_file)
+    section = getattr(
+        cfg, "clip_dissect", None
+    )  # the config's [clip_dissect] table, once it has one
+    concepts = load_concepts(concepts_file or getattr(section, "concepts", None) or None)
+    if params is None:
+        names = [f.name for f in dataclasses.fields(SoftWPMIParams)]
+        params = SoftWPMIParams(**{n: getattr(section, n) for n in names if hasattr(section, n)})
     writer = AtlasWriter(out)
     try:
         _check_resume(writer, cfg)
         old = writer.meta()
         if old.get("build_fingerprint") and (
-            old.get("labeler", "dnd") != LABELER or old.get("concept_set", {}).get("sha256") != concepts.sha256
+            old.get("labeler", "dnd") != LABELER
+            or old.get("concept_set", {}).get("sha256") != concepts.sha256
         ):
             raise BuildError(
                 f"the atlas at {cfg.out} was built with another labeler or concept set "
@@ -448,17 +485,27 @@ def build_clip_dissect(
             similarity=space.describe,
             similarity_config=space.key,
             labeler=LABELER,
-            concept_set={"name": concepts.name, "sha256": concepts.sha256, "n": len(concepts.concepts)},
+            concept_set={
+                "name": concepts.name,
+                "sha256": concepts.sha256,
+                "n": len(concepts.concepts),
+            },
             softwpmi=asdict(params),
             dnd_atlas_format=FORMAT_VERSION,
         )
         t0 = time.perf_counter()
         ckey = content_key("clip-dissect-concepts", space.key, concepts.sha256)
-        concept_emb = _cached_array(cache_dir / f"concepts-{ckey[:32]}.npy", lambda: space.embed_concepts(concepts.concepts))
+        concept_emb = _cached_array(
+            cache_dir / f"concepts-{ckey[:32]}.npy", lambda: space.embed_concepts(concepts.concepts)
+        )
         concept_secs = time.perf_counter() - t0
         summaries = []
         for m in cfg.models:
-            summaries.append(_build_model(cfg, m, writer, space, concepts, concept_emb, embedder, params, cache_dir))
+            summaries.append(
+                _build_model(
+                    cfg, m, writer, space, concepts, concept_emb, embedder, params, cache_dir
+                )
+            )
             summaries[-1].seconds["embed_concepts"] += concept_secs
         n = build_index(out)
         log.info("FAISS index over %d labels written", n)
@@ -478,18 +525,30 @@ class _Timer:
     def __enter__(self) -> None:
         self.t = time.perf_counter()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.ms.seconds[self.stage] += time.perf_counter() - self.t
 
 
 def _build_model(
-    cfg: BuildConfig, m: ModelConfig, writer: AtlasWriter, space: _JointSpace, concepts: ConceptSet,
-    concept_emb: np.ndarray, embedder: Any, params: SoftWPMIParams, cache_dir: Path,
+    cfg: BuildConfig,
+    m: ModelConfig,
+    writer: AtlasWriter,
+    space: _JointSpace,
+    concepts: ConceptSet,
+    concept_emb: np.ndarray,
+    embedder: Any,
+    params: SoftWPMIParams,
+    cache_dir: Path,
 ) -> ModelSummary:
     ms = ModelSummary(m.name)
     with _Timer(ms, "load"):
-        target = load_target(m.name, m.target, m.target_options, resolve_device(cfg.device),
-                             resolve_dtype(cfg.dtype, resolve_device(cfg.device)))
+        target = load_target(
+            m.name,
+            m.target,
+            m.target_options,
+            resolve_device(cfg.device),
+            resolve_dtype(cfg.dtype, resolve_device(cfg.device)),
+        )
         target.check_layers(m.layers)
         probe = ProbeSet.scan(m.probe)
         tfp = target_fingerprint(target, m.target, m.target_options)
@@ -497,19 +556,43 @@ def _build_model(
 
     with _Timer(ms, "record"):
         t0 = time.perf_counter()
-        akey = content_key("clip-dissect-acts", tfp, probe.fingerprint(), list(m.layers), summary, m.vit_tokens)
-        acts, kinds, valid = record_all(target, probe, m.layers, cache_dir / f"acts-{akey[:32]}.npy", summary,
-                                        m.vit_tokens, cfg.record.batch_size, cfg.record.num_workers)
+        akey = content_key(
+            "clip-dissect-acts", tfp, probe.fingerprint(), list(m.layers), summary, m.vit_tokens
+        )
+        acts, kinds, valid = record_all(
+            target,
+            probe,
+            m.layers,
+            cache_dir / f"acts-{akey[:32]}.npy",
+            summary,
+            m.vit_tokens,
+            cfg.record.batch_size,
+            cfg.record.num_workers,
+        )
         n_valid = int(valid.sum())
         ms.images_per_s = n_valid / max(1e-9, time.perf_counter() - t0)
     ms.skipped_images = len(probe) - n_valid
     if ms.skipped_images:
-        log.warning("%s: %d probe files were not readable images and were skipped", m.name, ms.skipped_images)
+        log.warning(
+            "%s: %d probe files were not readable images and were skipped",
+            m.name,
+            ms.skipped_images,
+        )
     writer.upsert_model(
-        m.name, m.target, str(probe.root), n_valid, ms.skipped_images,
-        {"target": m.target, "target_options": m.target_options, "layers": list(m.layers),
-         "summary": summary, "vit_tokens": m.vit_tokens, "input_size": target.input_size,
-         "labeler": LABELER},
+        m.name,
+        m.target,
+        str(probe.root),
+        n_valid,
+        ms.skipped_images,
+        {
+            "target": m.target,
+            "target_options": m.target_options,
+            "layers": list(m.layers),
+            "summary": summary,
+            "vit_tokens": m.vit_tokens,
+            "input_size": target.input_size,
+            "labeler": LABELER,
+        },
         [(lay, kinds[lay][0], kinds[lay][1]) for lay in m.layers],
     )
     known = {lay: info for lay, info in target.ground_truth.items() if lay in m.layers}
@@ -521,12 +604,16 @@ def _build_model(
     rows = np.flatnonzero(valid)  # probe index of each row of the P / probability matrix
     with _Timer(ms, "embed_images"):
         ikey = content_key("clip-dissect-images", space.key, probe.fingerprint())
-        img_emb = _cached_array(cache_dir / f"images-{ikey[:32]}.npy",
-                                lambda: space.embed_probe(probe, rows, cfg.record.batch_size))
+        img_emb = _cached_array(
+            cache_dir / f"images-{ikey[:32]}.npy",
+            lambda: space.embed_probe(probe, rows, cfg.record.batch_size),
+        )
     with _Timer(ms, "similarity"):
         probs = np.empty((len(rows), len(concepts.concepts)), dtype=np.float32)
         for s in range(0, len(rows), 1024):
-            probs[s : s + 1024] = concept_probabilities(img_emb[s : s + 1024] @ concept_emb.T, params.a)
+            probs[s : s + 1024] = concept_probabilities(
+                img_emb[s : s + 1024] @ concept_emb.T, params.a
+            )
 
     done = writer.done_units(m.name)
     images_dir = writer.dir / "images"
@@ -534,16 +621,22 @@ def _build_model(
     captions = probe.captions() if isinstance(space, _CaptionSpace) else {}
     offset = 0
     for lay in m.layers:
-        kind, n_units = kinds[lay]
+        _kind, n_units = kinds[lay]
         layer_acts = np.asarray(acts[rows, offset : offset + n_units], dtype=np.float32)
         offset += n_units
         todo = [u for u in _units(m, n_units) if (lay, u) not in done]
         if not todo:
             continue
         hi, lo = layer_acts.max(axis=0), layer_acts.min(axis=0)
-        dead = {u for u in todo if not np.isfinite(hi[u]) or hi[u] - lo[u] <= 1e-6 * max(1.0, abs(float(hi[u])))}
+        dead = {
+            u
+            for u in todo
+            if not np.isfinite(hi[u]) or hi[u] - lo[u] <= 1e-6 * max(1.0, abs(float(hi[u])))
+        }
         writer.write_neurons(
-            NeuronResult(m.name, lay, u, "dead", "constant activation over the probe set", float(hi[u]))
+            NeuronResult(
+                m.name, lay, u, "dead", "constant activation over the probe set", float(hi[u])
+            )
             for u in sorted(dead)
         )
         ms.dead += len(dead)
@@ -561,23 +654,47 @@ def _build_model(
                 chunk = live[start : start + cfg.chunk_size]
                 with _Timer(ms, "label_write"):
                     results = [
-                        _neuron(cfg, m, lay, u, scores[u], layer_acts[:, u], top_ev[u], rows, concepts,
-                                concept_emb, img_emb, probe, target, images_dir, digests, captions, float(hi[u]))
+                        _neuron(
+                            cfg,
+                            m,
+                            lay,
+                            u,
+                            scores[u],
+                            layer_acts[:, u],
+                            top_ev[u],
+                            rows,
+                            concepts,
+                            concept_emb,
+                            img_emb,
+                            probe,
+                            target,
+                            images_dir,
+                            digests,
+                            captions,
+                            float(hi[u]),
+                        )
                         for u in chunk
                     ]
                     texts = [lab.text for r in results for lab in r.labels]
                     vecs = iter(embedder.embed(texts)) if texts else iter(())
                     final = []
-                    import dataclasses
-
                     for r in results:
-                        labels = tuple(LabelRow(lab.rank, lab.text, lab.concept_score, next(vecs)) for lab in r.labels)
+                        labels = tuple(
+                            LabelRow(lab.rank, lab.text, lab.concept_score, next(vecs))
+                            for lab in r.labels
+                        )
                         final.append(dataclasses.replace(r, labels=labels))
                     writer.write_neurons(final)
                 ms.neurons += len(chunk)
                 ms.ok += len(chunk)
                 bar.update(len(chunk))
-                log.info("%s: wrote %d of %d neurons of %s", m.name, min(start + len(chunk), len(live)), len(live), lay)
+                log.info(
+                    "%s: wrote %d of %d neurons of %s",
+                    m.name,
+                    min(start + len(chunk), len(live)),
+                    len(live),
+                    lay,
+                )
         finally:
             bar.close()
     for stage, secs in ms.seconds.items():
@@ -586,9 +703,22 @@ def _build_model(
 
 
 def _neuron(
-    cfg: BuildConfig, m: ModelConfig, layer: str, unit: int, scores: np.ndarray, unit_acts: np.ndarray,
-    top: np.ndarray, rows: np.ndarray, concepts: ConceptSet, concept_emb: np.ndarray, img_emb: np.ndarray,
-    probe: ProbeSet, target: Target, images_dir: Path, digests: dict[int, str], captions: dict[str, str],
+    cfg: BuildConfig,
+    m: ModelConfig,
+    layer: str,
+    unit: int,
+    scores: np.ndarray,
+    unit_acts: np.ndarray,
+    top: np.ndarray,
+    rows: np.ndarray,
+    concepts: ConceptSet,
+    concept_emb: np.ndarray,
+    img_emb: np.ndarray,
+    probe: ProbeSet,
+    target: Target,
+    images_dir: Path,
+    digests: dict[int, str],
+    captions: dict[str, str],
     max_act: float,
 ) -> NeuronResult:
     """One live neuron's labels, candidates and evidence (label vectors are
@@ -596,12 +726,22 @@ def _neuron(
     pool = np.argsort(-scores, kind="stable")[:_LABEL_POOL]
     scored = [_Scored(concepts.concepts[i], float(scores[i])) for i in pool]
     lab_cfg = cfg.labels
-    kept = select_labels(scored, concept_emb[pool], lab_cfg.max_labels, lab_cfg.dedup_threshold,
-                         lab_cfg.extra_labels_need_positive_score, lab_cfg.drop_nested_labels)
+    kept = select_labels(
+        scored,
+        concept_emb[pool],
+        lab_cfg.max_labels,
+        lab_cfg.dedup_threshold,
+        lab_cfg.extra_labels_need_positive_score,
+        lab_cfg.drop_nested_labels,
+    )
     rank_of = {i: r + 1 for r, i in enumerate(kept)}
-    labels = tuple(LabelRow(rank_of[i], scored[i].concept, scored[i].score, np.zeros(0, np.float32)) for i in kept)
+    labels = tuple(
+        LabelRow(rank_of[i], scored[i].concept, scored[i].score, np.zeros(0, np.float32))
+        for i in kept
+    )
     cands = tuple(
-        CandidateRow(i, s.concept, None, None, s.score, rank_of.get(i)) for i, s in enumerate(scored[:N_CANDIDATES])
+        CandidateRow(i, s.concept, None, None, s.score, rank_of.get(i))
+        for i, s in enumerate(scored[:N_CANDIDATES])
     )
     evidence = []
     for r, row in enumerate(top, 1):
@@ -613,12 +753,28 @@ def _neuron(
         if not (images_dir / name).exists():
             _save_atomic(_fit(probe.open(image)), images_dir / name)
         cap = captions.get(probe.files[image])
-        evidence.append(EvidenceRow(
-            r, probe.files[image], None, float(unit_acts[row]), f"images/{name}",
-            content_key("caption", key, "captions.jsonl") if cap is not None else None, cap,
-            "precomputed" if cap is not None else None,
-        ))
+        evidence.append(
+            EvidenceRow(
+                r,
+                probe.files[image],
+                None,
+                float(unit_acts[row]),
+                f"images/{name}",
+                content_key("caption", key, "captions.jsonl") if cap is not None else None,
+                cap,
+                "precomputed" if cap is not None else None,
+            )
+        )
     return NeuronResult(
-        m.name, layer, unit, "ok", None, max_act, interpretability(img_emb[top]), labels, cands, tuple(evidence),
+        m.name,
+        layer,
+        unit,
+        "ok",
+        None,
+        max_act,
+        interpretability(img_emb[top]),
+        labels,
+        cands,
+        tuple(evidence),
         {},
     )
