@@ -29,7 +29,7 @@ from pathlib import Path
 from atlas_site import render
 from atlas_site.assets import CSS, HOOKS, JS
 from atlas_site.charts import histogram_svg
-from atlas_site.load import layer_records, similar_neurons
+from atlas_site.load import evaluation_rows, layer_records, similar_neurons
 from query import Atlas
 from query.errors import AtlasError
 from query.schema import IMAGES_DIR
@@ -174,7 +174,8 @@ def generate_project(atlas_dir: str | os.PathLike[str], project: Path,
         for m in names:
             own = [li for li in layers if li.model == m]
             _write(docs / f"{render.model_page(m)}.md", render.render_model(models.get(m), m, own))
-        _write(docs / "index.md", render.render_home(name, meta, layers, names))
+        _write(docs / "index.md", render.render_home(name, meta, layers, names,
+                                                     evaluations=evaluation_rows(atlas)))
 
     nav: list = [{"Home": "index.md"}]
     not_in_nav = ["/neurons/"]

@@ -135,3 +135,14 @@ def similar_neurons(atlas: Atlas, k: int = 6, batch: int = 2048) -> dict[Key, li
                 for j in order.tolist()
             ]
     return out
+
+
+def evaluation_rows(atlas: Atlas) -> list[dict[str, Any]]:
+    """The ``evaluations`` table (``dnd-atlas eval`` results), ordered by
+    protocol, model, layer, metric; ``[]`` when the atlas has none."""
+    has = _rows(atlas, "SELECT count(*) AS n FROM information_schema.tables "
+                       "WHERE table_name = 'evaluations'", [])
+    if not has or not has[0]["n"]:
+        return []
+    return _rows(atlas, "SELECT protocol, model, layer, metric, value, evaluated_at FROM evaluations "
+                        "ORDER BY protocol, model, layer, metric", [])

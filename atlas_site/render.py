@@ -319,9 +319,31 @@ def render_model(mi: ModelInfo | None, name: str, layers: Sequence[LayerInfo]) -
     return "".join(out)
 
 
+def _evaluations_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The ``evaluations`` rows (``dnd-atlas eval``) as a table; nothing when there are none."""
+    if not rows:
+        return []
+    head = ("<h2>Evaluations</h2>\n<p>Quality metrics written by <code>dnd-atlas eval</code> "
+            "(a blank model and layer: the whole atlas).</p>\n<table><thead><tr><th>Protocol</th>"
+            "<th>Model</th><th>Layer</th><th>Metric</th><th>Value</th><th>Evaluated</th>"
+            "</tr></thead><tbody>\n")
+    out = [head]
+    for r in rows:
+        when, value = r.get("evaluated_at"), r.get("value")
+        if isinstance(value, float) and value.is_integer() and abs(value) > 1:
+            value = int(value)  # counts (units, images)
+        out.append(f"<tr><td>{text(r.get('protocol'))}</td><td>{text(r.get('model'))}</td>"
+                   f"<td>{text(r.get('layer'))}</td><td>{text(r.get('metric'))}</td>"
+                   f"<td>{number(value)}</td>"
+                   f"<td>{text(str(when)[:16] if when is not None else '')}</td></tr>\n")
+    out.append("</tbody></table>\n")
+    return out
+
+
 def render_home(site_name: str, meta: dict[str, Any], layers: Sequence[LayerInfo],
-                model_names: Sequence[str]) -> str:
-    """The Markdown of the home page: models, layers and counts, build config, histograms."""
+                model_names: Sequence[str], evaluations: Sequence[dict[str, Any]] = ()) -> str:
+    """The Markdown of the home page: models, layers and counts, evaluation
+    results, build config, histograms."""
     page = "index"
     totals = {k: sum(getattr(li, f"n_{k}") for li in layers) for k in ("ok", "dead", "failed")}
     units = sum(li.n_units for li in layers)
@@ -335,6 +357,7 @@ def render_home(site_name: str, meta: dict[str, Any], layers: Sequence[LayerInfo
             for m in model_names]
     out.append("</ul>\n<h2>Layers</h2>\n")
     out += _layers_table(page, layers, with_model=True)
+    out += _evaluations_table(evaluations)
     out.append("<h2>How this atlas was built</h2>\n<table><tbody>\n")
     for key, value in meta.items():
         if key in CONFIG_KEYS:
