@@ -132,7 +132,12 @@ def target_fingerprint(target: Target, spec: str, options: dict[str, Any]) -> st
 
 
 def build(cfg: BuildConfig, cache_enabled: bool = True) -> BuildSummary:
-    """Build (or resume) the atlas ``cfg.out`` for every model of ``cfg``."""
+    """Build (or resume) the atlas ``cfg.out`` for every model of ``cfg``
+    (with the labeler the config names: DnD, or the CLIP-Dissect baseline)."""
+    if cfg.labeler == "clip-dissect":
+        from builder.clip_dissect import build_clip_dissect
+
+        return build_clip_dissect(cfg, cache_enabled=cache_enabled)
     t_start = time.perf_counter()
     out = Path(cfg.out)
     writer = AtlasWriter(out)
@@ -150,6 +155,7 @@ def build(cfg: BuildConfig, cache_enabled: bool = True) -> BuildSummary:
             if cfg.dissect.enabled else None
         )
         writer.set_meta(
+            labeler="dnd",
             build_config=cfg.redacted(),
             build_fingerprint=_redact_fingerprint(cfg),
             embedder=cfg.embedder,
@@ -183,9 +189,15 @@ def _redact_fingerprint(cfg: BuildConfig) -> dict[str, Any]:
 
 def _check_resume(writer: AtlasWriter, cfg: BuildConfig) -> None:
     """Refuse to mix configs in one atlas: resuming needs the same settings."""
-    old = writer.meta().get("build_fingerprint")
+    meta = writer.meta()
+    old = meta.get("build_fingerprint")
     if not old:
         return
+    if meta.get("labeler", "dnd") != cfg.labeler:
+        raise BuildError(
+            f"the atlas at {cfg.out} was labelled by {meta.get('labeler', 'dnd')!r}, not {cfg.labeler!r}; "
+            "use a new --out"
+        )
     new = _redact_fingerprint(cfg)
     old_models = {m["name"]: m for m in old.get("models", [])}
     for m in new["models"]:

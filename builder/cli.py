@@ -20,6 +20,9 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="atlas directory (overrides the config's `out`)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides the config)")
     p.add_argument("--dtype", help="target precision: auto, float32, float16, bfloat16 (overrides the config)")
+    p.add_argument("--labeler", choices=["dnd", "clip-dissect"],
+                   help="dnd (default) or the CLIP-Dissect baseline (overrides the config)")
+    p.add_argument("--concepts", help="concept list for --labeler clip-dissect (a file, or a name in data/concepts)")
     p.add_argument("--dry-run", action="store_true",
                    help="list layers, neuron counts and expected calls per stage without loading weights")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -34,9 +37,11 @@ def run_build(args: argparse.Namespace) -> int:
     from builder.errors import ConfigError
 
     overrides = list(args.overrides)
-    for key in ("out", "device", "dtype"):
+    for key in ("out", "device", "dtype", "labeler"):
         if getattr(args, key):
             overrides.append(f"{key}={json.dumps(getattr(args, key))}")
+    if args.concepts:
+        overrides.append(f"clip_dissect.concepts={json.dumps(args.concepts)}")
     if not args.config and not args.preset and not overrides:
         raise ConfigError("build needs --config FILE.toml or --preset NAME")
     cfg = load_config(args.config, overrides, args.preset)

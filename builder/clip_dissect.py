@@ -450,6 +450,7 @@ def build_clip_dissect(
     ``cache_enabled=False`` activations and embeddings are recomputed (in a
     temporary folder removed at the end)."""
     t_start = time.perf_counter()
+    cfg = dataclasses.replace(cfg, labeler=LABELER)  # what the atlas records and resumes with
     out = Path(cfg.out)
     section = getattr(
         cfg, "clip_dissect", None

@@ -143,11 +143,29 @@ class LabelConfig:
 
 
 @dataclass(frozen=True)
+class ClipDissectConfig:
+    """The CLIP-Dissect baseline labeler (``labeler = "clip-dissect"``)."""
+
+    concepts: str = ""  # "" = data/concepts/common-visual.txt; a name there or a path
+    top_k: int = 100
+    a: float = 10.0
+    lam: float = 1.0
+    p_start: float = 0.998
+    p_end: float = 0.97
+    eps: float = 0.0007
+
+    def __post_init__(self) -> None:
+        _positive(self, "top_k")
+        _unit_interval(self, "p_start", "p_end")
+
+
+@dataclass(frozen=True)
 class BuildConfig:
     """A whole build: where it goes, the models, and every stage's settings."""
 
     out: str = "atlas"
     models: tuple[ModelConfig, ...] = ()
+    labeler: str = "dnd"  # dnd | clip-dissect (the baseline)
     embedder: str = "minilm"
     device: str = "auto"
     dtype: str = "auto"  # target model precision: auto (float32) | float32 | float16 | bfloat16
@@ -158,8 +176,11 @@ class BuildConfig:
     describe: DescribeConfig = field(default_factory=DescribeConfig)
     dissect: DissectConfig = field(default_factory=DissectConfig)
     labels: LabelConfig = field(default_factory=LabelConfig)
+    clip_dissect: ClipDissectConfig = field(default_factory=ClipDissectConfig)
 
     def __post_init__(self) -> None:
+        if self.labeler not in ("dnd", "clip-dissect"):
+            raise ConfigError(f"labeler must be 'dnd' or 'clip-dissect', got {self.labeler!r}")
         if not self.models:
             raise ConfigError("the config names no model: add a [[models]] table")
         names = [m.name for m in self.models]
@@ -188,6 +209,7 @@ class BuildConfig:
             "describe": DescribeConfig,
             "dissect": DissectConfig,
             "labels": LabelConfig,
+            "clip_dissect": ClipDissectConfig,
         }
         for key, value in data.items():
             if key in sections:

@@ -211,6 +211,8 @@ COMMANDS: list[Command] = [
             lazy("builder.cli:add_demo_arguments"), lazy("builder.cli:run_demo")),
     Command("eval", "ground-truth metrics of a synthetic-world atlas",
             lazy("builder.cli:add_eval_arguments"), lazy("builder.cli:run_eval")),
+    Command("classify", "find neurons to use as classifiers by their descriptions and measure their AUROC",
+            lazy("builder.cli_classify:add_classify_arguments"), lazy("builder.cli_classify:run_classify")),
     Command("site", "render an atlas into an mkdocs-material site (GitHub Pages ready)",
             lazy("atlas_site.cli:add_site_arguments"), lazy("atlas_site.cli:run_site")),
     # -- Commands owned by other packages ------------------------------------------------
