@@ -156,6 +156,7 @@ def build(cfg: BuildConfig, cache_enabled: bool = True) -> BuildSummary:
         )
         writer.set_meta(
             labeler="dnd",
+            shard=cfg.shard,
             build_config=cfg.redacted(),
             build_fingerprint=_redact_fingerprint(cfg),
             embedder=cfg.embedder,
@@ -266,7 +267,8 @@ def _build_model(
     ms.seconds["record"] += time.perf_counter() - t0
 
     done = writer.done_units(m.name)
-    selected = {lay: _units(m, records[lay].n_units) for lay in m.layers}
+    mine = set(shard_neurons([(lay, u) for lay in m.layers for u in _units(m, records[lay].n_units)], cfg.shard))
+    selected = {lay: [u for u in _units(m, records[lay].n_units) if (lay, u) in mine] for lay in m.layers}
     todo = [(lay, u) for lay in m.layers for u in selected[lay] if (lay, u) not in done]
     dead = [n for n in todo if is_dead(records[n[0]], n[1])]
     writer.write_neurons(
@@ -283,7 +285,7 @@ def _build_model(
     # -- step 1: attention crops (cached as a whole) ---------------------------
     t0 = time.perf_counter()
     all_live = [(lay, u) for lay in m.layers for u in selected[lay] if not is_dead(records[lay], u)]
-    ckey = content_key("crops", rkey, cfg.crop.__dict__, cfg.record.top_k)
+    ckey = content_key("crops", rkey, cfg.crop.__dict__, cfg.record.top_k, all_live)
     cached = cache.get_json("crops", ckey)
     if cached is not None:
         evidence = {(lay, int(u)): [EvidenceItem(i, tuple(b) if b else None, a) for i, b, a in items]
@@ -323,6 +325,18 @@ def _build_model(
 def _units(m: ModelConfig, n_units: int) -> list[int]:
     """The units of a layer to describe: ``m.units`` that exist, or all."""
     return [u for u in m.units if u < n_units] if m.units else list(range(n_units))
+
+
+def shard_neurons(neurons: list[NeuronKey], shard: str) -> list[NeuronKey]:
+    """The neurons of shard ``I/N``: every N-th neuron of the model's ordered
+    list starting at I, so shards are balanced across layers and any
+    process computes the same split."""
+    if not shard:
+        return neurons
+    from builder.config import shard_of
+
+    i, n = shard_of(shard)
+    return neurons[i::n]
 
 
 class _Context:

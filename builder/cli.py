@@ -20,6 +20,7 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="atlas directory (overrides the config's `out`)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides the config)")
     p.add_argument("--dtype", help="target precision: auto, float32, float16, bfloat16 (overrides the config)")
+    p.add_argument("--shard", metavar="I/N", help="build only the I-th of N deterministic shares of the neurons")
     p.add_argument("--labeler", choices=["dnd", "clip-dissect"],
                    help="dnd (default) or the CLIP-Dissect baseline (overrides the config)")
     p.add_argument("--concepts", help="concept list for --labeler clip-dissect (a file, or a name in data/concepts)")
@@ -37,7 +38,7 @@ def run_build(args: argparse.Namespace) -> int:
     from builder.errors import ConfigError
 
     overrides = list(args.overrides)
-    for key in ("out", "device", "dtype", "labeler"):
+    for key in ("out", "device", "dtype", "labeler", "shard"):
         if getattr(args, key):
             overrides.append(f"{key}={json.dumps(getattr(args, key))}")
     if args.concepts:

@@ -171,6 +171,8 @@ class BuildConfig:
     dtype: str = "auto"  # target model precision: auto (float32) | float32 | float16 | bfloat16
     cache_dir: str = ""  # "" = <out>/cache
     chunk_size: int = 64  # neurons processed together (batched model calls)
+    shard: str = ""  # "I/N": build only the I-th of N deterministic shares of the neurons
+    cost_mode: str = "efficient"  # efficient | official-shaped (the official implementation's calls, for benchmarks)
     record: RecordConfig = field(default_factory=RecordConfig)
     crop: CropConfig = field(default_factory=CropConfig)
     describe: DescribeConfig = field(default_factory=DescribeConfig)
@@ -179,6 +181,10 @@ class BuildConfig:
     clip_dissect: ClipDissectConfig = field(default_factory=ClipDissectConfig)
 
     def __post_init__(self) -> None:
+        if self.shard:
+            shard_of(self.shard)  # validates
+        if self.cost_mode not in ("efficient", "official-shaped"):
+            raise ConfigError("cost_mode must be 'efficient' or 'official-shaped'")
         if self.labeler not in ("dnd", "clip-dissect"):
             raise ConfigError(f"labeler must be 'dnd' or 'clip-dissect', got {self.labeler!r}")
         if not self.models:
@@ -252,7 +258,7 @@ class BuildConfig:
         but where the output and caches live): used to refuse resuming or
         merging with a different config."""
         d = self.to_dict()
-        for key in ("out", "cache_dir", "device", "chunk_size"):
+        for key in ("out", "cache_dir", "device", "chunk_size", "shard"):
             d.pop(key, None)
         d["record"].pop("num_workers", None)
         d["record"].pop("batch_size", None)
@@ -266,6 +272,17 @@ def preset_names() -> list[str]:
     from builder.data_files import data_path
 
     return sorted(p.stem for p in data_path("presets").glob("*.toml"))
+
+
+def shard_of(spec: str) -> tuple[int, int]:
+    """``"I/N"`` -> (I, N) with 0 <= I < N."""
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError as exc:
+        raise ConfigError(f"shard {spec!r} must look like I/N, e.g. 0/4") from exc
+    if n < 1 or not 0 <= i < n:
+        raise ConfigError(f"shard {spec!r}: need 0 <= I < N")
+    return i, n
 
 
 def load_config(
