@@ -78,6 +78,11 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
         help="drop control labels at least this similar to the unit's label (default 0.5)",
     )
     g.add_argument(
+        "--generator",
+        metavar="SPEC",
+        help="text-to-image generator (registered name or module:callable; default: the build's)",
+    )
+    g.add_argument(
         "--seed", type=int, default=0, help="seed of the unit sample and the control pool"
     )
     g = p.add_argument_group("classifier")
@@ -97,6 +102,7 @@ def _options(args: argparse.Namespace):
         model=args.model,
         layer=args.layer,
         device=args.device,
+        generator=args.generator,
         images_per_label=args.images_per_label,
         max_units=args.max_units,
         control_labels=args.control_labels,
@@ -186,10 +192,10 @@ def _shown(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def _fmt(x: Any) -> str:
     if x is None:
         return "-"
-    if isinstance(x, float) and not x.is_integer():
-        return f"{x:.3f}"
+    if isinstance(x, float) and x.is_integer() and abs(x) > 1:
+        return f"{int(x)}"  # counts (units, images)
     if isinstance(x, float):
-        return f"{int(x)}"
+        return f"{x:.3f}"
     return str(x)
 
 

@@ -55,6 +55,7 @@ class CosyOptions:
     model: str | None = None
     layer: str | None = None
     device: str | None = None  # None: the build's device
+    generator: str | None = None  # None: the build's generator (with its options)
     cache: bool = True
 
     def __post_init__(self) -> None:
@@ -185,9 +186,9 @@ class _Images:
         self.cfg = cfg
         self.q = opts.images_per_label
         self.device = opts.device or cfg.device
-        self.generator = _create(
-            generators, cfg.dissect.generator, cfg.dissect.generator_options, device=self.device
-        )
+        spec = opts.generator or cfg.dissect.generator
+        options = cfg.dissect.generator_options if spec == cfg.dissect.generator else {}
+        self.generator = _create(generators, spec, options, device=self.device)
         self.gcfg = self.generator.config_key()
         self.template = _prompt_template(cfg.dissect.prompt_template)
         cache_dir = (

@@ -160,7 +160,12 @@ def find_targets(
 def _clip_texts(clip_model: str, device: str):
     from builder.similarity_clip import ClipSimilarity
 
-    sim = ClipSimilarity(model=clip_model, device=device)
+    try:
+        sim = ClipSimilarity(model=clip_model, device=device)
+    except BuildError as exc:
+        raise BuildError(
+            f"final-layer: {exc} (give --clip-model PATH_OR_ID, or --no-clip)"
+        ) from exc
     return sim.embed_texts
 
 

@@ -42,6 +42,7 @@ class EvalOptions:
     model: str | None = None
     layer: str | None = None
     device: str | None = None
+    generator: str | None = None  # cosy: another generator than the build's
     images_per_label: int = 10
     max_units: int | None = None
     control_labels: int = 10
@@ -105,6 +106,7 @@ def run_protocol(
                 model=opts.model,
                 layer=opts.layer,
                 device=opts.device,
+                generator=opts.generator,
             ),
         )
     else:

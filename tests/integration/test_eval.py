@@ -204,7 +204,7 @@ def test_compare_two_atlases(atlas, built, tmp_path, capsys):
     lines = text.splitlines()
     assert lines[0] == f"A = {atlas}" and lines[1] == f"B = {b}"
     row = next(line for line in lines if line.startswith("synthetic.planted.single_match_rate"))
-    assert row.split()[1:] == ["1", "0.909", "-0.091"]
+    assert row.split()[1:] == ["1.000", "0.909", "-0.091"]
     assert lines[3].split() == ["metric", "A", "B", "B", "-", "A"]
     assert len({len(line) for line in lines[3:]}) == 1  # aligned: every row ends at the same column
 
