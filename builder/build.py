@@ -105,7 +105,7 @@ class BuildSummary:
         return "\n".join(lines)
 
 
-def _create(registry: Registry, spec: str, options: dict[str, Any], **context: Any) -> Any:
+def create_backend(registry: Registry, spec: str, options: dict[str, Any], **context: Any) -> Any:
     """Create a backend, passing context values (device, probe_dir) only to
     factories that take them."""
     factory = registry.factory(spec)
@@ -145,13 +145,16 @@ def build(cfg: BuildConfig, cache_enabled: bool = True) -> BuildSummary:
         _check_resume(writer, cfg)
         embedder = get_embedder(cfg.embedder)
         device = resolve_device(cfg.device)
-        cache = ContentCache(Path(cfg.cache_dir or out / "cache") / "cache.sqlite", enabled=cache_enabled)
-        similarity: Similarity = _create(
+        # official-shaped: no result is shared between neurons or reused from earlier runs
+        official = cfg.cost_mode == "official-shaped"
+        cache = ContentCache(Path(cfg.cache_dir or out / "cache") / "cache.sqlite",
+                             enabled=cache_enabled and not official)
+        similarity: Similarity = create_backend(
             similarities, cfg.dissect.similarity, cfg.dissect.similarity_options, device=cfg.device
         )
-        summarizer: Summarizer = _create(summarizers, cfg.describe.summarizer, cfg.describe.summarizer_options)
+        summarizer: Summarizer = create_backend(summarizers, cfg.describe.summarizer, cfg.describe.summarizer_options)
         generator: Generator | None = (
-            _create(generators, cfg.dissect.generator, cfg.dissect.generator_options, device=cfg.device)
+            create_backend(generators, cfg.dissect.generator, cfg.dissect.generator_options, device=cfg.device)
             if cfg.dissect.enabled else None
         )
         writer.set_meta(
@@ -291,6 +294,13 @@ def _build_model(
         evidence = {(lay, int(u)): [EvidenceItem(i, tuple(b) if b else None, a) for i, b, a in items]
                     for lay, u, items in cached["evidence"]}
         crop_calls = {(lay, int(u)): (c, h) for lay, u, c, h in cached["calls"]}
+    elif cfg.cost_mode == "official-shaped":  # each neuron crops and records its own images
+        evidence, crop_calls = {}, {}
+        for n in all_live:
+            ev, cc = crop_stage(target, probe, records, [n], cfg.record.top_k, cfg.crop, summary,
+                                m.vit_tokens, cfg.record.batch_size)
+            evidence.update(ev)
+            crop_calls.update(cc)
     else:
         evidence, crop_calls = crop_stage(
             target, probe, records, all_live, cfg.record.top_k, cfg.crop, summary, m.vit_tokens,
@@ -303,15 +313,16 @@ def _build_model(
         })
     ms.seconds["crops"] += time.perf_counter() - t0
 
-    captioner: Captioner = _create(
+    captioner: Captioner = create_backend(
         captioners, cfg.describe.captioner, cfg.describe.captioner_options, probe_dir=str(probe.root), device=cfg.device
     )
     ctx = _Context(cfg, m, writer, cache, target, tfp, probe, summary, records, captioner, summarizer,
                    generator, similarity, embedder, ms)
     bar = progress(total=len(live), desc=f"describe+dissect {m.name}", unit="neuron")
     try:
-        for start in range(0, len(live), cfg.chunk_size):
-            chunk = live[start : start + cfg.chunk_size]
+        step = 1 if cfg.cost_mode == "official-shaped" else cfg.chunk_size  # one neuron at a time
+        for start in range(0, len(live), step):
+            chunk = live[start : start + step]
             ctx.process_chunk(chunk, {n: evidence[n] for n in chunk}, {n: crop_calls.get(n, (0, 0)) for n in chunk})
             bar.update(len(chunk))
             log.info("%s: wrote %d of %d neurons", m.name, min(start + len(chunk), len(live)), len(live))
@@ -448,8 +459,14 @@ class _Context:
                 if skeys[n] not in got and skeys[n] not in [skeys[t] for t in todo]:
                     todo.append(n)
             failures: dict[NeuronKey, str] = {}
+            usage: dict[NeuronKey, dict[str, int]] = {}
             if todo:
-                answers = self.summarizer.summarize_many([captions[n] for n in todo], N)
+                if cfg.cost_mode == "official-shaped":
+                    answers = self._ask_one_by_one([captions[n] for n in todo], N, todo, usage)
+                else:
+                    answers = self.summarizer.summarize_many([captions[n] for n in todo], N)
+                    for n, u in zip(todo, getattr(self.summarizer, "last_item_usage", None) or []):
+                        usage[n] = dict(u)
                 new_s: dict[str, bytes] = {}
                 for n, ans in zip(todo, answers):
                     if isinstance(ans, Exception):
@@ -462,7 +479,12 @@ class _Context:
             todo_set = set(todo)
             candidates: dict[NeuronKey, list[str]] = {}
             for n in chunk:
-                calls[n]["summarizer_requests"][0 if n in todo_set else 1] += 1
+                if n in usage:  # a remote summarizer counted its HTTP requests (re-asks too) and tokens
+                    calls[n]["summarizer_requests"][0] += usage[n]["requests"]
+                    if "tokens" in usage[n]:
+                        calls[n].setdefault("summarizer_tokens", [0, 0])[0] += usage[n]["tokens"]
+                else:
+                    calls[n]["summarizer_requests"][0 if n in todo_set else 1] += 1
                 if n in failures or skeys[n] not in got:
                     failures.setdefault(n, "summarizer failed")
                     continue
@@ -546,6 +568,31 @@ class _Context:
             self.writer.write_neurons(final)
         self.ms.neurons += len(chunk)
         self.ms.ok += sum(1 for r in final if r.status == "ok")
+
+    def _ask_one_by_one(self, batches, n_candidates, todo, usage) -> list:
+        """The official implementation's way: one request per candidate.
+        Request i asks for i+1 concepts and keeps the one not yet proposed,
+        so the candidates equal those of one request for N (equal quality,
+        N times the requests)."""
+        out: list[list[str] | Exception] = [[] for _ in batches]
+        for n in todo:
+            usage[n] = {"requests": 0}
+        for i in range(n_candidates):
+            answers = self.summarizer.summarize_many(batches, i + 1)
+            per = getattr(self.summarizer, "last_item_usage", None)
+            for j, ans in enumerate(answers):
+                usage[todo[j]]["requests"] += per[j]["requests"] if per else 1
+                if per:
+                    usage[todo[j]]["tokens"] = usage[todo[j]].get("tokens", 0) + per[j]["tokens"]
+                if isinstance(out[j], Exception):
+                    continue
+                if isinstance(ans, Exception):
+                    out[j] = ans
+                    continue
+                fresh = [c for c in ans if c not in out[j]]
+                if fresh:
+                    out[j].append(fresh[-1] if len(ans) == i + 1 else fresh[0])
+        return out
 
     def _tally(self, calls_n: dict[str, tuple[int, int]]) -> None:
         for s, (c, h) in calls_n.items():

@@ -102,37 +102,6 @@ def _print_examples(atlas: str) -> None:
                 print(f"    {hit.model}/{hit.layer}/{hit.unit}: {'; '.join(hit.labels)}  (similarity {hit.similarity:.2f})")
 
 
-def add_eval_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("atlas", help="atlas directory")
-    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    p.add_argument("--no-mpnet", action="store_true", help="skip the MPNet cosine (no MPNet installed)")
-    p.add_argument("--units", action="store_true", help="also list every evaluated unit")
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    from builder.evaluate import evaluate_synthetic
-
-    res = evaluate_synthetic(args.atlas, mpnet=not args.no_mpnet)
-    if not args.units:
-        res.pop("units")
-    if args.json:
-        print(json.dumps(res, indent=2))
-        return 0
-    fl, pl = res["final_layer"], res["planted"]
-
-    def fmt(x):
-        return "-" if x is None else f"{x:.3f}"
-
-    print(f"final layer ({fl['units']} output units): match {fmt(fl['match_rate'])}, exact {fmt(fl['exact_rate'])}, "
-          f"MPNet cos {fmt(fl['mpnet_cos'])}, MiniLM cos {fmt(fl['minilm_cos'])}")
-    print(f"planted: single-concept units {pl['single_units']}: match {fmt(pl['single_match_rate'])}; "
-          f"two-concept units {pl['double_units']}: both concepts among labels {fmt(pl['double_match_rate'])}")
-    for u in res.get("units", []):
-        mark = "ok " if u["match"] else "MISS"
-        print(f"  {mark} {u['model']}/{u['layer']}/{u['unit']}: {'+'.join(u['concepts'])} -> {'; '.join(u['labels'])}")
-    return 0
-
-
 def _run(work, as_json: bool, out: str) -> int:
     try:
         summary = work()

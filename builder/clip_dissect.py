@@ -58,7 +58,7 @@ from builder.build import (
     BuildSummary,
     ModelSummary,
     _check_resume,
-    _create,
+    create_backend,
     _fit,
     _redact_fingerprint,
     _save_atomic,
@@ -313,7 +313,7 @@ def _joint_space(cfg: BuildConfig) -> _JointSpace:
     stand-in when every model's probe folder has a captions.jsonl."""
     if cfg.dissect.similarity == "clip":
         return _ClipSpace(
-            _create(similarities, "clip", cfg.dissect.similarity_options, device=cfg.device)
+            create_backend(similarities, "clip", cfg.dissect.similarity_options, device=cfg.device)
         )
     no_caps = [
         m.name for m in cfg.models if not (ProbeSet.scan(m.probe).root / "captions.jsonl").is_file()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -366,13 +367,14 @@ def _unit_interval(obj: Any, *names: str) -> None:
             raise ConfigError(f"{type(obj).__name__}.{name} must be in [0, 1], got {value!r}")
 
 
-_SECRET_WORDS = ("api_key", "apikey", "token", "password", "secret")
+# whole key names (or their last _-separated part): "vit_tokens" is no secret
+_SECRET_KEY = re.compile(r"(^|_)(api_?key|key|token|password|secret)$", re.IGNORECASE)
 
 
 def _redact(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {
-            k: ("<redacted>" if any(w in k.lower() for w in _SECRET_WORDS) and v else _redact(v))
+            k: ("<redacted>" if _SECRET_KEY.search(k) and v else _redact(v))
             for k, v in obj.items()
         }
     if isinstance(obj, list):

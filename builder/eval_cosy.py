@@ -179,7 +179,7 @@ class _Images:
 
     def __init__(self, cfg: Any, view: AtlasView, opts: CosyOptions) -> None:
         from builder import plugins as _plugins  # noqa: F401  (registers the built-in backends)
-        from builder.build import _create
+        from builder.build import create_backend
         from builder.cache import ContentCache
         from builder.registry import generators
 
@@ -188,7 +188,7 @@ class _Images:
         self.device = opts.device or cfg.device
         spec = opts.generator or cfg.dissect.generator
         options = cfg.dissect.generator_options if spec == cfg.dissect.generator else {}
-        self.generator = _create(generators, spec, options, device=self.device)
+        self.generator = create_backend(generators, spec, options, device=self.device)
         self.gcfg = self.generator.config_key()
         self.template = _prompt_template(cfg.dissect.prompt_template)
         cache_dir = (

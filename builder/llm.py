@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import contextvars
 import hashlib
 import io
 import json
@@ -53,6 +54,10 @@ SUMMARIZER_VERSION = 1
 # Status codes the openai client retries by itself (see its _should_retry).
 _RETRIED_STATUS = {408, 409, 429}
 
+
+
+# requests and tokens of the neuron whose request is in flight (see _many)
+_ITEM_USAGE: contextvars.ContextVar[dict[str, int] | None] = contextvars.ContextVar("_ITEM_USAGE", default=None)
 
 class LLMAnswerError(ValueError):
     """An answer that is not a usable list of concepts (the reason is the message)."""
@@ -289,10 +294,17 @@ class _OpenAIBackend:
 
     def _count(self, response: Any) -> None:
         self.usage["requests"] += 1
+        item = _ITEM_USAGE.get()
+        if item is not None:
+            item["requests"] += 1
         u = getattr(response, "usage", None)
         if u is not None:
-            self.usage["prompt_tokens"] += int(getattr(u, "prompt_tokens", 0) or 0)
-            self.usage["completion_tokens"] += int(getattr(u, "completion_tokens", 0) or 0)
+            prompt = int(getattr(u, "prompt_tokens", 0) or 0)
+            completion = int(getattr(u, "completion_tokens", 0) or 0)
+            self.usage["prompt_tokens"] += prompt
+            self.usage["completion_tokens"] += completion
+            if item is not None:
+                item["tokens"] += prompt + completion
 
     async def _chat(self, client: Any, messages: list[dict[str, Any]], **params: Any) -> str:
         """One chat completion (the client retries); the answer text."""
@@ -420,7 +432,10 @@ class OpenAISummarizer(_OpenAIBackend, Summarizer):
         sem = asyncio.Semaphore(self.concurrency)
         client = self._client()
 
-        async def guarded(captions: Sequence[str]) -> list[str] | Exception:
+        per_item = [{"requests": 0, "tokens": 0} for _ in batches]
+
+        async def guarded(captions: Sequence[str], acc: dict[str, int]) -> list[str] | Exception:
+            _ITEM_USAGE.set(acc)  # each gathered task runs in its own context copy
             async with sem:
                 try:
                     return await self._one(client, captions, n)
@@ -429,8 +444,9 @@ class OpenAISummarizer(_OpenAIBackend, Summarizer):
                     return exc
 
         try:
-            return list(await asyncio.gather(*(guarded(c) for c in batches)))
+            return list(await asyncio.gather(*(guarded(c, a) for c, a in zip(batches, per_item))))
         finally:
+            self.last_item_usage = per_item  # requests and tokens per neuron, for the atlas
             await client.close()
 
     def summarize_many(

@@ -99,7 +99,8 @@ def load_target(
         raise BackendError(f"target {spec!r} did not give a torch.nn.Module")
     module = module.eval().to(device=device, dtype=dtype)
     if preprocess is None:
-        preprocess = imagenet_preprocess(int(input_size_opt or 224))
+        size = int(input_size_opt or 224)
+        preprocess = imagenet_preprocess(size, round(size * 256 / 224))
     input_size = (
         (int(input_size_opt), int(input_size_opt)) if input_size_opt else _infer_input_size(preprocess)
     )

@@ -210,7 +210,7 @@ COMMANDS: list[Command] = [
     Command("demo", "render the synthetic world and build the demo atlas, offline",
             lazy("builder.cli:add_demo_arguments"), lazy("builder.cli:run_demo")),
     Command("eval", "ground-truth metrics of a synthetic-world atlas",
-            lazy("builder.cli:add_eval_arguments"), lazy("builder.cli:run_eval")),
+            lazy("builder.cli_eval:add_eval_arguments"), lazy("builder.cli_eval:run_eval")),
     Command("classify", "find neurons to use as classifiers by their descriptions and measure their AUROC",
             lazy("builder.cli_classify:add_classify_arguments"), lazy("builder.cli_classify:run_classify")),
     Command("site", "render an atlas into an mkdocs-material site (GitHub Pages ready)",

@@ -53,3 +53,11 @@ def test_secrets_are_redacted_from_what_the_atlas_saves():
     saved = cfg.redacted()
     assert saved["describe"]["summarizer_options"] == {"model": "m", "api_key": "<redacted>"}
     assert cfg.describe.summarizer_options["api_key"] == "sk-abc"  # the build itself still has it
+
+
+def test_only_secret_keys_are_redacted():
+    cfg = BuildConfig.from_dict({**BASE, "dissect": {"generator_options": {"hf_token": "x", "steps": 2}}})
+    saved = cfg.redacted()
+    assert saved["models"][0]["vit_tokens"] == "cls"
+    assert saved["dissect"]["generator_options"] == {"hf_token": "<redacted>", "steps": 2}
+    assert BuildConfig.from_dict({**saved, "dissect": {}}).models == cfg.models

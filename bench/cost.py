@@ -1,0 +1,123 @@
+"""Cost against the official implementation's shape, at equal quality.
+
+The same build of synthetic-world models (532 neurons: every layer of the
+demo CNN, the planted detectors, and layer3 of a random-weight ResNet-18 at
+64 px for volume) runs twice:
+
+- ``official-shaped`` (``cost_mode = "official-shaped"``): calls made the way
+  the official implementation makes them: one LLM request per candidate,
+  nothing shared between neurons (each neuron captions, crops, generates and
+  records its own images), no cache;
+- ``efficient`` (the default): one LLM request per neuron for all N
+  candidates, captions / generated images / recordings shared across neurons.
+
+The LLM is the ``openai`` summarizer over HTTP to an OpenAI-compatible server
+on 127.0.0.1 whose answers are the phrases most captions share (a stand-in
+with the behaviour of a good summarizer, so both modes see the same
+concepts). Generated images are weighted by their diffusion steps: the
+official implementation runs Stable Diffusion at 50 steps, dnd-atlas at 25
+(DPM-Solver++); the procedural generator used here stands in for both.
+Quality is the synthetic label match rate over the units with ground truth
+(demo CNN outputs, planted detectors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import duckdb
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+STAGES = ("captioner_images", "summarizer_requests", "generated_images", "target_forward_images")
+STEPS = {"official-shaped": 50, "efficient": 25}
+
+
+def _responder(rec):
+    from openai_server import Reply
+
+    from builder.summarize import extract_concepts
+
+    text = rec.messages[-1]["content"] if rec.messages else ""
+    caps = [m.group(1) for m in re.finditer(r"^\d+\. (.+)$", text, re.M)]
+    n = int(m.group(1)) if (m := re.search(r"exactly (\d+)", text)) else 5
+    return Reply(json.dumps(extract_concepts(caps, n) or ["object"]))
+
+
+def _config(probe: str, out: str, base_url: str, mode: str) -> dict:
+    return {
+        "out": out, "cost_mode": mode,
+        "models": [
+            {"name": "demo-cnn", "target": "demo-cnn", "probe": probe,
+             "layers": ["conv1", "conv2", "conv3", "conv4", "fc"]},
+            {"name": "planted", "target": "planted", "probe": probe, "layers": ["detectors"]},
+            {"name": "resnet18", "target": "resnet18", "target_options": {"input_size": 64},
+             "probe": probe, "layers": ["layer3"]},
+        ],
+        "describe": {"captioner": "oracle", "summarizer": "openai",
+                     "summarizer_options": {"model": "stub", "base_url": base_url, "max_retries": 0}},
+        "dissect": {"similarity_options": {"target": "demo-cnn"}},
+    }
+
+
+def _per_neuron(atlas: Path) -> tuple[dict[str, float], int]:
+    con = duckdb.connect(str(atlas / "atlas.duckdb"), read_only=True)
+    try:
+        n = con.execute("SELECT count(*) FROM neurons WHERE status = 'ok'").fetchone()[0]
+        calls = dict(con.execute("SELECT stage, sum(calls) FROM call_counts GROUP BY stage").fetchall())
+    finally:
+        con.close()
+    return {s: calls.get(s, 0) / max(1, n) for s in STAGES}, n
+
+
+def _quality(atlas: Path) -> float:
+    from builder.evaluate import evaluate_synthetic
+
+    units = evaluate_synthetic(atlas, mpnet=False)["units"]
+    return sum(u["match"] for u in units) / max(1, len(units))
+
+
+def run(probe_images: int = 1000) -> dict[str, str]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from openai_server import ScriptedServer
+
+    from builder.build import build
+    from builder.config import BuildConfig
+    from builder.synthetic.probe import write_probe_set
+
+    out: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as tmp, ScriptedServer() as srv:
+        srv.responder = _responder
+        probe = str(write_probe_set(Path(tmp) / "probe", n=probe_images, seed=4, progress=False))
+        res = {}
+        for mode in ("official-shaped", "efficient"):
+            atlas = Path(tmp) / mode
+            t = time.perf_counter()
+            build(BuildConfig.from_dict(_config(probe, str(atlas), srv.base_url, mode)))
+            per, n = _per_neuron(atlas)
+            res[mode] = (per, n, time.perf_counter() - t, _quality(atlas))
+    key = {"official-shaped": "official", "efficient": "efficient"}
+    cost = {}
+    for mode, (per, n, secs, quality) in res.items():
+        for s in STAGES:
+            out[f"calls_per_neuron_{s}_{key[mode]}"] = f"{per[s]:.2f}"
+        cost[mode] = (per["captioner_images"] + per["summarizer_requests"] + per["target_forward_images"]
+                      + per["generated_images"] * STEPS[mode] / STEPS["efficient"])
+        out[f"expensive_calls_per_neuron_{key[mode]}"] = f"{cost[mode]:.2f}"
+        out[f"build_s_{key[mode]}"] = f"{secs:.1f}"
+        out[f"cost_neurons_{key[mode]}"] = str(n)
+    out["cost_ratio_vs_official"] = f"{cost['official-shaped'] / max(cost['efficient'], 1e-9):.2f}"
+    out["quality_official_shaped"] = f"{res['official-shaped'][3]:.3f}"
+    out["quality_efficient"] = f"{res['efficient'][3]:.3f}"
+    return out
+
+
+if __name__ == "__main__":
+    for k, v in run(int(sys.argv[1]) if len(sys.argv) > 1 else 1000).items():
+        print(f"{k}: {v}", flush=True)
