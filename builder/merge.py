@@ -67,7 +67,7 @@ class MergeSummary:
         """The human summary printed by ``dnd-atlas merge``."""
         lines = [
             f"merged {len(self.shards)} shards into {self.out} in {self.seconds:.1f} s: "
-            f"{self.neurons} neurons, {self.labels} labels, {self.images} images"
+            + f"{self.neurons} neurons, {self.labels} labels, {self.images} images"
         ]
         if self.overlapping:
             lines.append(f"  {self.overlapping} neurons were in more than one shard (identical; kept once)")
@@ -170,7 +170,6 @@ def _merged_meta(paths: list[Path], metas: list[dict[str, Any]]) -> dict[str, An
     models = {m["name"]: m for m in fp.get("models", [])}
     config_models = {m["name"]: m for m in config.get("models", [])}
     ground_truth = dict(first.get("ground_truth") or {})
-    strip = lambda d: {k: v for k, v in d.items() if k != "models"}  # noqa: E731
     for path, meta in zip(paths[1:], metas[1:]):
         for key in _SAME_META:
             if meta.get(key) != first.get(key):
@@ -179,8 +178,9 @@ def _merged_meta(paths: list[Path], metas: list[dict[str, Any]]) -> dict[str, An
                     f"({first.get(key)!r}); merge only shards of one build config"
                 )
         other = meta["build_fingerprint"]
-        if strip(other) != strip(fp):
-            changed = sorted(k for k in set(strip(other)) | set(strip(fp)) if strip(other).get(k) != strip(fp).get(k))
+        a, b = _strip(other), _strip(fp)
+        if a != b:
+            changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
             raise BuildError(
                 f"{path} was built with other settings than {paths[0]} ({', '.join(changed)}); "
                 "merge only shards of one build config"
@@ -281,6 +281,10 @@ def _check_overlap(con: duckdb.DuckDBPyConnection, alias: str, shard: Path) -> N
                 f"{shard} holds neuron {first[0]}/{first[1]}/{first[2]} with other {table} rows than an earlier "
                 "shard; merge only shards of one build"
             )
+
+
+def _strip(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k != "models"}
 
 
 def _rounded(rows: list[tuple]) -> list[tuple]:
