@@ -507,6 +507,29 @@ def test_bind_reports_a_taken_port():
         bind("no such host.invalid", 0)
 
 
+def test_cli_errors_are_one_line(atlas_dir, tmp_path, monkeypatch, capsys):
+    """Wired into ``dnd-atlas`` (added here when query/cli.py does not list it yet):
+    a missing atlas and a bad port are one line on stderr and exit status 2."""
+    from query import cli
+    from query.server import add_serve_arguments, run_serve
+
+    if "serve" not in {c.name for c in cli.COMMANDS}:
+        monkeypatch.setattr(cli, "COMMANDS", [*cli.COMMANDS, cli.Command(
+            "serve", "serve an atlas over HTTP", add_serve_arguments, run_serve)])
+    assert cli.main(["serve", str(tmp_path / "nothing")]) == 2
+    assert capsys.readouterr().err.startswith("dnd-atlas: error: no atlas at ")
+    assert cli.main(["serve", str(atlas_dir), "--port", "70000"]) == 2
+    assert "port must be 0..65535, got 70000" in capsys.readouterr().err
+    taken = bind("127.0.0.1", 0)
+    try:
+        port = str(taken.getsockname()[1])
+        assert cli.main(["serve", str(atlas_dir), "--port", port]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"dnd-atlas: error: cannot listen on 127.0.0.1:{port}")
+    finally:
+        taken.close()
+
+
 def test_argument_module_imports_nothing_heavy():
     code = ("import argparse, sys; from query.server import add_serve_arguments as a; "
             "p = argparse.ArgumentParser(); a(p); ns = p.parse_args(['A']); "
