@@ -213,6 +213,8 @@ COMMANDS: list[Command] = [
             lazy("builder.cli_eval:add_eval_arguments"), lazy("builder.cli_eval:run_eval")),
     Command("classify", "find neurons to use as classifiers by their descriptions and measure their AUROC",
             lazy("builder.cli_classify:add_classify_arguments"), lazy("builder.cli_classify:run_classify")),
+    Command("serve", "serve an atlas over HTTP: search, models, layers, neurons, classify, images",
+            lazy("query.server:add_serve_arguments"), lazy("query.server:run_serve")),
     Command("site", "render an atlas into an mkdocs-material site (GitHub Pages ready)",
             lazy("atlas_site.cli:add_site_arguments"), lazy("atlas_site.cli:run_site")),
     # -- Commands owned by other packages ------------------------------------------------
