@@ -272,7 +272,7 @@ def _first_differing(con: duckdb.DuckDBPyConnection, alias: str, table: str, key
 def _check_overlap(con: duckdb.DuckDBPyConnection, alias: str, shard: Path) -> None:
     """A neuron held by two shards must have the same rows in both (floats to 4 places)."""
     for table, order in _COMPARED.items():
-        sel = f"SELECT t.* FROM {{src}}.{table} t JOIN _overlap o USING ({_NEURON_KEY}) ORDER BY {order}"
+        sel = f"SELECT t.model, t.layer, t.unit, t.* FROM {{src}}.{table} t JOIN _overlap o USING ({_NEURON_KEY}) ORDER BY {order}"
         mine = _rounded(con.execute(sel.format(src=alias)).fetchall())
         theirs = _rounded(con.execute(sel.format(src="main")).fetchall())
         if mine != theirs:
