@@ -96,7 +96,8 @@ class BuildSummary:
         for m in self.models:
             lines.append(
                 f"  {m.model}: {m.neurons} neurons written this run: {m.ok} ok, {m.dead} dead, "
-                f"{m.failed} failed; {m.skipped_images} probe images skipped"
+                f"{m.failed} failed; {m.skipped_images} probe images skipped; "
+                f"recording {m.images_per_s:.1f} images/s"
             )
             for s, (c, h) in sorted(m.calls.items()):
                 lines.append(f"    {s:<22} {c / max(1, m.ok):8.2f} calls/neuron  ({h / max(1, m.ok):.2f} from cache)")
