@@ -4,8 +4,10 @@ one line, a Ray build on a local cluster, and several models in one atlas."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -246,19 +248,36 @@ def test_ray_build_equals_a_single_build(probe, reference, tmp_path):
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'dnd-atlas[ray]')")
     from builder.ray_build import ray_build
 
-    out = tmp_path / "atlas"
-    t0 = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        summary = ray_build(config(probe, out), 2, init_kwargs={
-            "num_cpus": 2, "include_dashboard": False, "log_to_driver": False})
+        # a failing shard build: one line naming it, nothing merged, the other shard's work kept
+        bad = dataclasses.replace(config(probe, tmp_path / "bad"), models=(
+            config(probe, tmp_path / "bad").models[0],
+            dataclasses.replace(config(probe, tmp_path / "bad").models[1], layers=("nope",)),
+        ))
+        with pytest.raises(BuildError, match=r"2 of 2 shard builds failed \(shard 0: .*valid layers") as exc:
+            ray_build(bad, 2)
+        assert "\n" not in str(exc.value) and not (tmp_path / "bad").exists()
+        assert neuron_keys(tmp_path / "bad.shards" / "shard-1")  # planted was written before cnn failed
+        out = tmp_path / "atlas"
+        t0 = time.perf_counter()
+        summary = ray_build(config(probe, out), 2)
+        print(f"ray build of 2 shards: {time.perf_counter() - t0:.1f} s")
+        assert ray.is_initialized(), "a Ray the caller started is left running"
     finally:
-        if ray.is_initialized():
-            ray.shutdown()
-    print(f"ray build of 2 shards: {time.perf_counter() - t0:.1f} s")
+        ray.shutdown()
     assert tables(out) == tables(reference)
     assert [s["out"] for s in summary.shards] == [str(tmp_path / "atlas.shards" / f"shard-{i}") for i in range(2)]
     assert meta(out)["merged_from"] == [s["out"] for s in summary.shards]
-    assert "Ray shard builds" in summary.text()
+    assert "2 Ray shard builds" in summary.text()
+
+
+def test_ray_build_without_ray_names_the_extra(probe, tmp_path, monkeypatch):
+    from builder.ray_build import ray_build
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(BuildError, match=r"pip install 'dnd-atlas\[ray\]'"):
+        ray_build(config(probe, tmp_path / "atlas"), 2)
 
 
 def test_ray_build_refuses_a_sharded_config(probe, tmp_path):
