@@ -158,11 +158,13 @@ def build(cfg: BuildConfig, cache_enabled: bool = True) -> BuildSummary:
             create_backend(generators, cfg.dissect.generator, cfg.dissect.generator_options, device=cfg.device)
             if cfg.dissect.enabled else None
         )
+        old_meta = writer.meta()
         writer.set_meta(
             labeler="dnd",
             shard=cfg.shard,
-            build_config=cfg.redacted(),
-            build_fingerprint=_redact_fingerprint(cfg),
+            # an atlas may hold models from earlier builds: its meta keeps every model
+            build_config=_with_old_models(cfg.redacted(), old_meta.get("build_config")),
+            build_fingerprint=_with_old_models(_redact_fingerprint(cfg), old_meta.get("build_fingerprint")),
             embedder=cfg.embedder,
             embedder_dim=int(embedder.dim),
             similarity=getattr(similarity, "describe", lambda: similarity.name)(),
@@ -190,6 +192,16 @@ def _redact_fingerprint(cfg: BuildConfig) -> dict[str, Any]:
     from builder.config import _redact
 
     return _redact(cfg.fingerprint())
+
+
+def _with_old_models(new: dict[str, Any], old: dict[str, Any] | None) -> dict[str, Any]:
+    """``new`` with the models of ``old`` that ``new`` does not name, in
+    their old order first (``_check_resume`` made sure shared ones agree)."""
+    if not old:
+        return new
+    names = {m["name"] for m in new.get("models", [])}
+    kept = [m for m in old.get("models", []) if m["name"] not in names]
+    return {**new, "models": kept + list(new.get("models", []))}
 
 
 def _check_resume(writer: AtlasWriter, cfg: BuildConfig) -> None:

@@ -21,6 +21,8 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides the config)")
     p.add_argument("--dtype", help="target precision: auto, float32, float16, bfloat16 (overrides the config)")
     p.add_argument("--shard", metavar="I/N", help="build only the I-th of N deterministic shares of the neurons")
+    p.add_argument("--ray", type=int, metavar="N",
+                   help="build as N shards on a Ray cluster (RAY_ADDRESS, or a local one) and merge them into --out")
     p.add_argument("--labeler", choices=["dnd", "clip-dissect"],
                    help="dnd (default) or the CLIP-Dissect baseline (overrides the config)")
     p.add_argument("--concepts", help="concept list for --labeler clip-dissect (a file, or a name in data/concepts)")
@@ -56,6 +58,10 @@ def run_build(args: argparse.Namespace) -> int:
         p = plan(cfg)
         print(json.dumps(p, indent=2) if args.json else plan_text(p))
         return 0
+    if args.ray:
+        from builder.cli_scale import run_ray_build
+
+        return run_ray_build(cfg, args.ray, as_json=args.json, cache_enabled=not args.no_cache)
     return _run(lambda: build(cfg, cache_enabled=not args.no_cache), args.json, cfg.out)
 
 

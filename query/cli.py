@@ -213,6 +213,8 @@ COMMANDS: list[Command] = [
             lazy("builder.cli_eval:add_eval_arguments"), lazy("builder.cli_eval:run_eval")),
     Command("classify", "find neurons to use as classifiers by their descriptions and measure their AUROC",
             lazy("builder.cli_classify:add_classify_arguments"), lazy("builder.cli_classify:run_classify")),
+    Command("merge", "merge shard atlases (build --shard I/N) into one atlas",
+            lazy("builder.cli_scale:add_merge_arguments"), lazy("builder.cli_scale:run_merge")),
     Command("serve", "serve an atlas over HTTP: search, models, layers, neurons, classify, images",
             lazy("query.server:add_serve_arguments"), lazy("query.server:run_serve")),
     Command("site", "render an atlas into an mkdocs-material site (GitHub Pages ready)",

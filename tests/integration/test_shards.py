@@ -339,8 +339,6 @@ def test_adding_a_model_with_other_settings_is_refused(probe, planted_only, tmp_
         build(config(probe, out, models=({**PLANTED, "units": [0, 1]},)))
 
 
-@pytest.mark.xfail(strict=True, reason="builder/build.py replaces meta build_fingerprint/build_config with the "
-                   "last run's config, so models built earlier drop out of them (reported, not fixed here)")
 def test_the_atlas_meta_keeps_every_model(probe, reference, planted_only, tmp_path):
     out = _copy(planted_only, tmp_path / "atlas")
     build(config(probe, out, models=(CNN,), cache_dir=str(reference / "cache")))
