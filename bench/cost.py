@@ -14,9 +14,12 @@ demo CNN, the planted detectors, and layer3 of a random-weight ResNet-18 at
 The LLM is the ``openai`` summarizer over HTTP to an OpenAI-compatible server
 on 127.0.0.1 whose answers are the phrases most captions share (a stand-in
 with the behaviour of a good summarizer, so both modes see the same
-concepts). Generated images are weighted by their diffusion steps: the
-official implementation runs Stable Diffusion at 50 steps, dnd-atlas at 25
-(DPM-Solver++); the procedural generator used here stands in for both.
+concepts). Expensive calls per neuron = captioner images + LLM requests +
+target forward images + generated images x their diffusion steps (a UNet
+evaluation is what a generated image costs): the official implementation
+runs Stable Diffusion at 50 steps, dnd-atlas at 25 (DPM-Solver++); the
+procedural generator used here stands in for both. ``cost_ratio_unweighted``
+counts a generated image as one call, whatever its steps.
 Quality is the synthetic label match rate over the units with ground truth
 (demo CNN outputs, planted detectors).
 """
@@ -83,7 +86,7 @@ def _quality(atlas: Path) -> float:
     return sum(u["match"] for u in units) / max(1, len(units))
 
 
-def run(probe_images: int = 1000) -> dict[str, str]:
+def run(probe_images: int = 300) -> dict[str, str]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from openai_server import ScriptedServer
 
@@ -103,21 +106,23 @@ def run(probe_images: int = 1000) -> dict[str, str]:
             per, n = _per_neuron(atlas)
             res[mode] = (per, n, time.perf_counter() - t, _quality(atlas))
     key = {"official-shaped": "official", "efficient": "efficient"}
-    cost = {}
+    cost, flat = {}, {}
     for mode, (per, n, secs, quality) in res.items():
         for s in STAGES:
             out[f"calls_per_neuron_{s}_{key[mode]}"] = f"{per[s]:.2f}"
-        cost[mode] = (per["captioner_images"] + per["summarizer_requests"] + per["target_forward_images"]
-                      + per["generated_images"] * STEPS[mode] / STEPS["efficient"])
+        other = per["captioner_images"] + per["summarizer_requests"] + per["target_forward_images"]
+        cost[mode] = other + per["generated_images"] * STEPS[mode]
+        flat[mode] = other + per["generated_images"]
         out[f"expensive_calls_per_neuron_{key[mode]}"] = f"{cost[mode]:.2f}"
         out[f"build_s_{key[mode]}"] = f"{secs:.1f}"
         out[f"cost_neurons_{key[mode]}"] = str(n)
     out["cost_ratio_vs_official"] = f"{cost['official-shaped'] / max(cost['efficient'], 1e-9):.2f}"
+    out["cost_ratio_unweighted"] = f"{flat['official-shaped'] / max(flat['efficient'], 1e-9):.2f}"
     out["quality_official_shaped"] = f"{res['official-shaped'][3]:.3f}"
     out["quality_efficient"] = f"{res['efficient'][3]:.3f}"
     return out
 
 
 if __name__ == "__main__":
-    for k, v in run(int(sys.argv[1]) if len(sys.argv) > 1 else 1000).items():
+    for k, v in run(int(sys.argv[1]) if len(sys.argv) > 1 else 300).items():
         print(f"{k}: {v}", flush=True)
