@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from builder.errors import BuildError
+from query.atlas import ok_labels_filter
 from query.errors import QueryError
 
 log = logging.getLogger(__name__)
@@ -328,7 +329,7 @@ class LabelSpace:
         self.vectors: list[np.ndarray] = []
         for name, emb in zip(self.embedders, self._embedders):
             if name == own:
-                ids, vecs = read_label_vectors(atlas.con, *_vector_filter(model, layer))
+                ids, vecs = read_label_vectors(atlas.con, *ok_labels_filter(model, layer))
                 by_id = {int(i): j for j, i in enumerate(ids.tolist())}
                 missing = [r["label_id"] for r in rows if int(r["label_id"]) not in by_id]
                 if missing:
@@ -371,17 +372,6 @@ class LabelSpace:
                 ranked.append(RankedNeuron(m, lay, u, float(col[o]), matched, self.neuron_labels[o]))
             out.append(ranked)
         return out
-
-
-def _vector_filter(model: str | None, layer: str | None) -> tuple[str, list[object]]:
-    where, params = ["n.status = 'ok'"], []
-    if model is not None:
-        where.append("l.model = ?")
-        params.append(model)
-    if layer is not None:
-        where.append("l.layer = ?")
-        params.append(layer)
-    return " AND ".join(where), params
 
 
 def rank_neurons(

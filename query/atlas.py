@@ -95,6 +95,20 @@ def resolve_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
     return path, path / DB_FILE
 
 
+
+def ok_labels_filter(model: str | None, layer: str | None) -> tuple[str, list[object]]:
+    """SQL condition and parameters selecting the labels of ``ok`` neurons,
+    optionally of one model and layer (over ``labels l`` joined with
+    ``neurons n``, as ``query.index.read_label_vectors`` takes it)."""
+    where, params = ["n.status = 'ok'"], []
+    if model is not None:
+        where.append("l.model = ?")
+        params.append(model)
+    if layer is not None:
+        where.append("l.layer = ?")
+        params.append(layer)
+    return " AND ".join(where), params
+
 class Atlas:
     """An open atlas. Use :meth:`open`; close it (or use ``with``) when done."""
 
@@ -354,7 +368,7 @@ class Atlas:
                 return ids[0][keep], sims[0][keep]
         else:
             # Filter before ranking: exact search over the neurons that qualify.
-            ids, vecs = read_label_vectors(self.con, *self._filter_sql(model, layer))
+            ids, vecs = read_label_vectors(self.con, *ok_labels_filter(model, layer))
             if len(ids) and vecs.shape[1] != query.shape[0]:
                 raise AtlasError(
                     f"label vectors have {vecs.shape[1]} dimensions but embedder "
@@ -377,17 +391,6 @@ class Atlas:
         if not name:
             raise AtlasError("the atlas meta has no 'embedder'; rebuild the atlas")
         return get_embedder(str(name)).embed([text])[0]
-
-    @staticmethod
-    def _filter_sql(model: str | None, layer: str | None) -> tuple[str, list[object]]:
-        where, params = ["n.status = 'ok'"], []
-        if model is not None:
-            where.append("l.model = ?")
-            params.append(model)
-        if layer is not None:
-            where.append("l.layer = ?")
-            params.append(layer)
-        return " AND ".join(where), params
 
     def _search_index(self) -> Any:
         """The FAISS index when it is present and current, else ``None`` (logged once)."""
@@ -419,7 +422,7 @@ class Atlas:
         """Group the nearest labels per neuron, over-fetching until ``k`` neurons qualify."""
         if total == 0:
             return []
-        where, params = self._filter_sql(model, layer)
+        where, params = ok_labels_filter(model, layer)
         n = min(total, max(3 * k, 32))  # up to 3 labels per neuron
         while True:
             ids, sims = nearest(n)
