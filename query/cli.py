@@ -209,7 +209,7 @@ COMMANDS: list[Command] = [
             lazy("builder.cli:add_build_arguments"), lazy("builder.cli:run_build")),
     Command("demo", "render the synthetic world and build the demo atlas, offline",
             lazy("builder.cli:add_demo_arguments"), lazy("builder.cli:run_demo")),
-    Command("eval", "ground-truth metrics of a synthetic-world atlas",
+    Command("eval", "measure label quality (synthetic, final-layer, cosy, classifier) or --compare two atlases",
             lazy("builder.cli_eval:add_eval_arguments"), lazy("builder.cli_eval:run_eval")),
     Command("classify", "find neurons to use as classifiers by their descriptions and measure their AUROC",
             lazy("builder.cli_classify:add_classify_arguments"), lazy("builder.cli_classify:run_classify")),
