@@ -233,7 +233,7 @@ COMMANDS: list[Command] = [
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every command in :data:`COMMANDS`."""
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Search and inspect Describe-and-Dissect neuron atlases.")
+        prog=PROG, description="Build, search, evaluate and publish Describe-and-Dissect neuron atlases.")
     parser.add_argument(
         "--log-level", default="WARNING", type=str.upper,
         choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
