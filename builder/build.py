@@ -29,7 +29,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from builder import plugins as _plugins  # noqa: F401  (registers the built-in backends)
-from builder.backends import CaptionItem, Captioner, Generator, Similarity, Summarizer
+from builder.backends import Captioner, CaptionItem, Generator, Similarity, Summarizer
 from builder.cache import ContentCache, content_key, file_digest, pack_arrays, unpack_arrays
 from builder.config import BuildConfig, ModelConfig
 from builder.data_files import data_path
@@ -143,7 +143,7 @@ def build(cfg: BuildConfig, cache_enabled: bool = True) -> BuildSummary:
     out = Path(cfg.out)
     writer = AtlasWriter(out)
     try:
-        _check_resume(writer, cfg)
+        check_resume(writer, cfg)
         embedder = get_embedder(cfg.embedder)
         device = resolve_device(cfg.device)
         # official-shaped: no result is shared between neurons or reused from earlier runs
@@ -196,7 +196,7 @@ def _redact_fingerprint(cfg: BuildConfig) -> dict[str, Any]:
 
 def _with_old_models(new: dict[str, Any], old: dict[str, Any] | None) -> dict[str, Any]:
     """``new`` with the models of ``old`` that ``new`` does not name, in
-    their old order first (``_check_resume`` made sure shared ones agree)."""
+    their old order first (``check_resume`` made sure shared ones agree)."""
     if not old:
         return new
     names = {m["name"] for m in new.get("models", [])}
@@ -204,7 +204,7 @@ def _with_old_models(new: dict[str, Any], old: dict[str, Any] | None) -> dict[st
     return {**new, "models": kept + list(new.get("models", []))}
 
 
-def _check_resume(writer: AtlasWriter, cfg: BuildConfig) -> None:
+def check_resume(writer: AtlasWriter, cfg: BuildConfig) -> None:
     """Refuse to mix configs in one atlas: resuming needs the same settings."""
     meta = writer.meta()
     old = meta.get("build_fingerprint")
@@ -283,8 +283,8 @@ def _build_model(
     ms.seconds["record"] += time.perf_counter() - t0
 
     done = writer.done_units(m.name)
-    mine = set(shard_neurons([(lay, u) for lay in m.layers for u in _units(m, records[lay].n_units)], cfg.shard))
-    selected = {lay: [u for u in _units(m, records[lay].n_units) if (lay, u) in mine] for lay in m.layers}
+    mine = set(shard_neurons([(lay, u) for lay in m.layers for u in selected_units(m, records[lay].n_units)], cfg.shard))
+    selected = {lay: [u for u in selected_units(m, records[lay].n_units) if (lay, u) in mine] for lay in m.layers}
     todo = [(lay, u) for lay in m.layers for u in selected[lay] if (lay, u) not in done]
     dead = [n for n in todo if is_dead(records[n[0]], n[1])]
     writer.write_neurons(
@@ -346,7 +346,7 @@ def _build_model(
     return ms
 
 
-def _units(m: ModelConfig, n_units: int) -> list[int]:
+def selected_units(m: ModelConfig, n_units: int) -> list[int]:
     """The units of a layer to describe: ``m.units`` that exist, or all."""
     return [u for u in m.units if u < n_units] if m.units else list(range(n_units))
 
@@ -699,19 +699,19 @@ class _Context:
         path = self.images_dir / name
         if not path.exists():
             src = self.probe.open(e.image)
-            im = _fit(src)
+            im = fit_thumbnail(src)
             if e.box is not None:
                 sx = im.width / src.width
                 x0, y0, x1, y1 = (int(round(v * sx)) for v in e.box)
                 ImageDraw.Draw(im).rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=(255, 0, 0), width=2)
-            _save_atomic(im, path)
+            save_image_atomic(im, path)
         return f"images/{name}"
 
     def thumb_generated(self, key: str) -> str:
         name = f"gen/{key[:20]}.webp"
         path = self.images_dir / name
         if not path.exists():
-            _save_atomic(_fit(self.gen_images[key]), path)
+            save_image_atomic(fit_thumbnail(self.gen_images[key]), path)
         return f"images/{name}"
 
 
@@ -746,13 +746,17 @@ def _png(im: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _fit(im: Image.Image, size: int = THUMB_SIZE) -> Image.Image:
+def fit_thumbnail(im: Image.Image, size: int = THUMB_SIZE) -> Image.Image:
+    """``im`` scaled so its longer side is ``size`` (nearest-neighbour when
+    enlarging, so small probe images stay crisp)."""
     scale = size / max(im.size)
     new = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
     return im.resize(new, Image.NEAREST if scale > 1 else Image.LANCZOS)
 
 
-def _save_atomic(im: Image.Image, path: Path) -> None:
+def save_image_atomic(im: Image.Image, path: Path) -> None:
+    """Write ``im`` as WebP through a temp name and a rename, so a killed
+    build never leaves a half-written thumbnail under its final name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     im.save(tmp, format="WEBP", quality=80)

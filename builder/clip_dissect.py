@@ -57,12 +57,12 @@ from builder import plugins as _plugins  # noqa: F401  (registers the built-in b
 from builder.build import (
     BuildSummary,
     ModelSummary,
-    _check_resume,
-    create_backend,
-    _fit,
     _redact_fingerprint,
-    _save_atomic,
-    _units,
+    check_resume,
+    create_backend,
+    fit_thumbnail,
+    save_image_atomic,
+    selected_units,
     target_fingerprint,
 )
 from builder.cache import content_key, file_digest
@@ -461,7 +461,7 @@ def build_clip_dissect(
         params = SoftWPMIParams(**{n: getattr(section, n) for n in names if hasattr(section, n)})
     writer = AtlasWriter(out)
     try:
-        _check_resume(writer, cfg)
+        check_resume(writer, cfg)
         old = writer.meta()
         if old.get("build_fingerprint") and (
             old.get("labeler", "dnd") != LABELER
@@ -625,7 +625,7 @@ def _build_model(
         _kind, n_units = kinds[lay]
         layer_acts = np.asarray(acts[rows, offset : offset + n_units], dtype=np.float32)
         offset += n_units
-        todo = [u for u in _units(m, n_units) if (lay, u) not in done]
+        todo = [u for u in selected_units(m, n_units) if (lay, u) not in done]
         if not todo:
             continue
         hi, lo = layer_acts.max(axis=0), layer_acts.min(axis=0)
@@ -752,7 +752,7 @@ def _neuron(
         key = content_key("probe-image", digests[image], None, target.input_size)
         name = f"ev/{key[:20]}.webp"
         if not (images_dir / name).exists():
-            _save_atomic(_fit(probe.open(image)), images_dir / name)
+            save_image_atomic(fit_thumbnail(probe.open(image)), images_dir / name)
         cap = captions.get(probe.files[image])
         evidence.append(
             EvidenceRow(
