@@ -114,11 +114,17 @@ def resolve_probe(spec: str) -> Path:
     ``cifar100:ROOT[:split]`` read the python-pickle release that torchvision
     downloads into ROOT (split ``test`` by default) and export it once as
     PNGs in class folders under ``ROOT/dnd-atlas/``, so every later stage sees
-    ordinary files."""
+    ordinary files. ``hf:SOURCE[:split]`` reads a Hugging Face ``datasets``
+    dataset (a folder written by ``save_to_disk``, or a dataset name already
+    in the local Hugging Face cache) and exports its images the same way
+    (``pip install 'dnd-atlas[datasets]'``)."""
     kind, sep, rest = spec.partition(":")
     if sep and kind in _CIFAR:
         root, _, split = rest.partition(":")
         return export_cifar(kind, Path(root), split or "test")
+    if sep and kind == "hf":
+        source, _, split = rest.rpartition(":") if rest.count(":") else (rest, "", "")
+        return export_hf_dataset(source or rest, split or None)
     return Path(spec)
 
 
@@ -158,4 +164,51 @@ def export_cifar(kind: str, root: Path, split: str = "test") -> Path:
         raise BuildError(f"{src}: not a readable {kind} release: {exc}") from exc
     manifest.write_text(json.dumps({"kind": kind, "split": split, "images": n}))
     log.info("exported %d %s %s images to %s", n, kind, split, out)
+    return out
+
+
+def export_hf_dataset(source: str, split: str | None = None, cache_root: Path | None = None) -> Path:
+    """Export the image column of a ``datasets`` dataset to PNG files in
+    class folders (the label column's names) under ``cache_root`` (default:
+    ``$DND_ATLAS_CACHE`` or ``~/.cache/dnd-atlas``) / ``hf`` / a hash of the
+    source and split; idempotent (a manifest is written last)."""
+    import hashlib
+
+    try:
+        import datasets
+    except ImportError as exc:
+        raise BuildError("hf: probe sets need the datasets package: pip install 'dnd-atlas[datasets]'") from exc
+    root = cache_root or Path(os.environ.get("DND_ATLAS_CACHE", Path.home() / ".cache" / "dnd-atlas"))
+    key = hashlib.sha256(f"{Path(source).resolve() if Path(source).exists() else source}\0{split}".encode())
+    out = root / "hf" / key.hexdigest()[:16]
+    if (out / "manifest.json").is_file():
+        return out
+    try:
+        if Path(source).exists():
+            ds = datasets.load_from_disk(source)
+        else:
+            ds = datasets.load_dataset(source, split=split)
+        if isinstance(ds, datasets.DatasetDict):
+            if split is None and len(ds) == 1:
+                split = next(iter(ds))
+            if split not in ds:
+                raise BuildError(f"dataset {source!r} has splits {', '.join(ds)}; name one as hf:{source}:SPLIT")
+            ds = ds[split]
+    except BuildError:
+        raise
+    except Exception as exc:  # missing dataset offline, bad folders, format errors
+        raise BuildError(f"cannot load the dataset {source!r}: {exc}") from exc
+    image_col = next((n for n, f in ds.features.items() if isinstance(f, datasets.Image)), None)
+    if image_col is None:
+        raise BuildError(f"dataset {source!r} has no image column")
+    label_col = next((n for n, f in ds.features.items() if isinstance(f, datasets.ClassLabel)), None)
+    names = ds.features[label_col].names if label_col else None
+    for n, row in enumerate(ds):
+        folder = out / (names[row[label_col]] if names else "images")
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{n:06d}.png.tmp"
+        row[image_col].convert("RGB").save(tmp, format="PNG")
+        os.replace(tmp, folder / f"{n:06d}.png")
+    (out / "manifest.json").write_text(json.dumps({"source": source, "split": split, "images": len(ds)}))
+    log.info("exported %d images of %s to %s", len(ds), source, out)
     return out

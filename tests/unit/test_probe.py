@@ -43,3 +43,20 @@ def test_folder_errors(tmp_path):
         ProbeSet.scan(tmp_path / "nope")
     with pytest.raises(BuildError, match="holds no image files"):
         ProbeSet.scan(tmp_path)
+
+
+def test_hf_dataset_saved_to_disk_is_exported_to_class_folders(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    monkeypatch.setenv("DND_ATLAS_CACHE", str(tmp_path / "cache"))
+    images = [Image.new("RGB", (8, 8), (i * 40, 0, 0)) for i in range(5)]
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])})
+    ds = datasets.Dataset.from_dict({"img": images, "label": [0, 1, 0, 1, 1]}, features=features)
+    datasets.DatasetDict({"test": ds}).save_to_disk(str(tmp_path / "saved"))
+    probe = ProbeSet.scan(f"hf:{tmp_path / 'saved'}:test")
+    assert probe.files == ("cat/000000.png", "cat/000002.png", "dog/000001.png", "dog/000003.png", "dog/000004.png")
+    assert np.asarray(probe.open(1))[0, 0, 0] == 80
+    assert ProbeSet.scan(f"hf:{tmp_path / 'saved'}").files == probe.files  # one split: no need to name it
+    with pytest.raises(BuildError, match="splits test"):
+        ProbeSet.scan(f"hf:{tmp_path / 'saved'}:train")
