@@ -294,17 +294,11 @@ class LabelSpace:
         if not own:
             raise QueryError("the atlas meta has no 'embedder'; rebuild the atlas")
         self.embedders: tuple[str, ...] = tuple(text_embedders) if text_embedders else (str(own),)
-        where, params = ["n.status = 'ok'"], []
-        if model is not None:
-            where.append("l.model = ?")
-            params.append(model)
-        if layer is not None:
-            where.append("l.layer = ?")
-            params.append(layer)
+        where, params = ok_labels_filter(model, layer)
         cur = atlas.con.execute(
             "SELECT l.label_id, l.model, l.layer, l.unit, l.rank, l.text FROM labels l "
             "JOIN neurons n ON n.model = l.model AND n.layer = l.layer AND n.unit = l.unit "
-            f"WHERE {' AND '.join(where)} ORDER BY l.model, l.layer, l.unit, l.rank",
+            f"WHERE {where} ORDER BY l.model, l.layer, l.unit, l.rank",
             params,
         )
         names = [d[0] for d in cur.description]

@@ -15,6 +15,9 @@ import duckdb
 import pytest
 import tomli_w
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from atlas_tables import tables  # noqa: E402
+
 from builder.synthetic.probe import write_probe_set
 from query import Atlas
 
@@ -49,24 +52,6 @@ def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 def write_config(path: Path, data: dict) -> Path:
     path.write_text(tomli_w.dumps(data))
     return path
-
-
-def tables(atlas: Path) -> dict[str, list[tuple]]:
-    con = duckdb.connect(str(atlas / "atlas.duckdb"), read_only=True)
-    try:
-        out = {}
-        for table, order in [
-            ("neurons", "model, layer, unit"),
-            ("labels", "label_id"),
-            ("candidates", "model, layer, unit, position"),
-            ("evidence", "model, layer, unit, rank"),
-            ("captions", "caption_key"),
-        ]:
-            rows = con.execute(f"SELECT * FROM {table} ORDER BY {order}").fetchall()
-            out[table] = [tuple(round(v, 4) if isinstance(v, float) else v for v in r) for r in rows]
-        return out
-    finally:
-        con.close()
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,9 @@ import duckdb
 import faiss
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from atlas_tables import tables  # noqa: E402
+
 from builder.build import build, shard_neurons
 from builder.config import BuildConfig
 from builder.errors import BuildError
@@ -42,29 +45,6 @@ def config(probe: Path, out: Path, models=(PLANTED, CNN), **extra) -> BuildConfi
     }
     data.update(extra)
     return BuildConfig.from_dict(data)
-
-
-def tables(atlas: Path, models: tuple[str, ...] | None = None) -> dict[str, list[tuple]]:
-    """The content tables, floats rounded to 4 places (optionally of some models only)."""
-    con = duckdb.connect(str(atlas / "atlas.duckdb"), read_only=True)
-    try:
-        out = {}
-        for table, order in [
-            ("neurons", "model, layer, unit"),
-            ("labels", "label_id"),
-            ("candidates", "model, layer, unit, position"),
-            ("evidence", "model, layer, unit, rank"),
-            ("captions", "caption_key"),
-            ("layers", "model, layer"),
-        ]:
-            where = ""
-            if models is not None and table != "captions":
-                where = "WHERE model IN (" + ",".join(f"'{m}'" for m in models) + ")"
-            rows = con.execute(f"SELECT * FROM {table} {where} ORDER BY {order}").fetchall()
-            out[table] = [tuple(round(v, 4) if isinstance(v, float) else v for v in r) for r in rows]
-        return out
-    finally:
-        con.close()
 
 
 def meta(atlas: Path) -> dict:
