@@ -72,7 +72,7 @@ from builder.errors import BuildError
 from builder.labels import interpretability, select_labels
 from builder.probe import ProbeSet
 from builder.progress import progress
-from builder.record import _collate, _ProbeDataset, hooked, layer_kind, summarize
+from builder.record import hooked, layer_kind, probe_loader, summarize
 from builder.registry import similarities
 from builder.targets import Target, load_target, resolve_device, resolve_dtype
 from query.embedder import get_embedder
@@ -358,13 +358,7 @@ def record_all(
     target.check_layers(layers)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
-    loader = torch.utils.data.DataLoader(
-        _ProbeDataset(probe, target.preprocess),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=_collate,
-        shuffle=False,
-    )
+    loader = probe_loader(target, probe, batch_size, num_workers)
     valid = np.zeros(len(probe), dtype=bool)
     kinds: dict[str, tuple[str, int]] = {}
     current: dict[str, torch.Tensor] = {}

@@ -176,6 +176,21 @@ def _collate(batch):
     return torch.tensor([i for i, _ in good]), torch.stack([t for _, t in good]), skipped
 
 
+def probe_loader(
+    target: Target, probe: ProbeSet, batch_size: int = 64, num_workers: int = 0
+) -> torch.utils.data.DataLoader:
+    """Batches ``(indices, images or None, n_skipped)`` of the probe set in
+    order, streamed from disk by ``num_workers`` reader processes;
+    unreadable files are skipped and counted."""
+    return torch.utils.data.DataLoader(
+        _ProbeDataset(probe, target.preprocess),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        shuffle=False,
+    )
+
+
 class TopK:
     """Running top-M per channel of one layer (values and image indices)."""
 
@@ -221,13 +236,7 @@ def record_topk(
 ) -> tuple[dict[str, LayerRecord], RecordStats]:
     """One pass over ``probe`` recording every layer in ``layers``."""
     target.check_layers(layers)
-    loader = torch.utils.data.DataLoader(
-        _ProbeDataset(probe, target.preprocess),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=_collate,
-        shuffle=False,
-    )
+    loader = probe_loader(target, probe, batch_size, num_workers)
     state = {name: TopK(top_m) for name in layers}
     kinds: dict[str, str] = {}
     has_maps: dict[str, bool] = {}
