@@ -29,9 +29,10 @@ from pathlib import Path
 from atlas_site import render
 from atlas_site.assets import CSS, HOOKS, JS
 from atlas_site.charts import histogram_svg
-from atlas_site.load import evaluation_rows, layer_records, similar_neurons
 from query import Atlas
+from query.bulk import layer_records, similar_neurons
 from query.errors import AtlasError
+from query.evaluations import evaluations
 from query.schema import IMAGES_DIR
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ def generate_project(atlas_dir: str | os.PathLike[str], project: Path,
             own = [li for li in layers if li.model == m]
             _write(docs / f"{render.model_page(m)}.md", render.render_model(models.get(m), m, own))
         _write(docs / "index.md", render.render_home(name, meta, layers, names,
-                                                     evaluations=evaluation_rows(atlas)))
+                                                     evaluations=evaluations(atlas)))
 
     nav: list = [{"Home": "index.md"}]
     not_in_nav = ["/neurons/"]

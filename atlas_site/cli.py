@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import shlex
 
+from query.cli import Command
+
 
 def add_site_arguments(p: argparse.ArgumentParser) -> None:
     """Declare ``dnd-atlas site ATLAS --out DIR [--no-build] [--site-name NAME]``."""
@@ -33,3 +35,7 @@ def run_site(args: argparse.Namespace) -> int:
         print(f"build it: cd {shlex.quote(str(project))} && mkdocs build")
     print(f"publish to GitHub Pages: cd {shlex.quote(str(project))} && mkdocs gh-deploy")
     return 0
+
+
+SITE = Command("site", "render an atlas into an mkdocs-material site (GitHub Pages ready)",
+               add_site_arguments, run_site, 80)

@@ -19,7 +19,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from atlas_site.escape import number, slug, text, url
-from atlas_site.load import Neighbor
+from query.bulk import Neighbor
 from query.records import LayerInfo, ModelInfo, NeuronRecord
 from query.schema import IMAGES_DIR
 

@@ -45,7 +45,7 @@ STEPS = {"official-shaped": 50, "efficient": 25}
 def _responder(rec):
     from openai_server import Reply
 
-    from builder.summarize import extract_concepts
+    from builder.backends.extractive import extract_concepts
 
     text = rec.messages[-1]["content"] if rec.messages else ""
     caps = [m.group(1) for m in re.finditer(r"^\d+\. (.+)$", text, re.M)]
@@ -80,7 +80,7 @@ def _per_neuron(atlas: Path) -> tuple[dict[str, float], int]:
 
 
 def _quality(atlas: Path) -> float:
-    from builder.evaluate import evaluate_synthetic
+    from builder.evaluation.synthetic import evaluate_synthetic
 
     units = evaluate_synthetic(atlas, mpnet=False)["units"]
     return sum(u["match"] for u in units) / max(1, len(units))
@@ -90,7 +90,7 @@ def run(probe_images: int = 300) -> dict[str, str]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from openai_server import ScriptedServer
 
-    from builder.build import build
+    from builder.pipeline.run import build
     from builder.config import BuildConfig
     from builder.synthetic.probe import write_probe_set
 

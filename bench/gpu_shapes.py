@@ -134,7 +134,7 @@ def run(smoke: bool = False, neurons: int = 8, probe_images: int = 300) -> dict[
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not smoke and not torch.cuda.is_available():
         return {"gpu_shapes": "no CUDA device present: nothing measured (run it on a GPU box; --smoke checks the code on the CPU)"}
-    from builder.build import build
+    from builder.pipeline.run import build
     from builder.config import BuildConfig
     from builder.synthetic.probe import write_probe_set
 

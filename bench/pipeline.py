@@ -64,7 +64,7 @@ def run() -> dict[str, str]:
     from openai_server import Reply, ScriptedServer
     from tiny_models import make_tiny_blip, make_tiny_clip, make_tiny_sd
 
-    from builder.build import build
+    from builder.pipeline.run import build
     from builder.config import BuildConfig
     from builder.synthetic.probe import write_probe_set
 

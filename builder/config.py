@@ -119,7 +119,7 @@ class DissectConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "images_per_concept", "beta", "batch_size")
-        from builder.scoring import SCORERS
+        from builder.pipeline.scoring import SCORERS
 
         if self.scoring not in SCORERS:
             raise ConfigError(
@@ -145,7 +145,15 @@ class LabelConfig:
 
 @dataclass(frozen=True)
 class ClipDissectConfig:
-    """The CLIP-Dissect baseline labeler (``labeler = "clip-dissect"``)."""
+    """The CLIP-Dissect baseline labeler (``labeler = "clip-dissect"``): its
+    concept set and the SoftWPMI parameters (the published defaults).
+
+    ``top_k``: size of the soft set of most activating images; ``a``: softmax
+    temperature on the image-concept similarities; ``lam``: weight of the
+    concept prior; ``p_start``/``p_end``: membership of the best and (about)
+    the k-th best image; ``eps``: floor inside the log that keeps one image
+    with a near-zero concept probability from dominating (the published
+    implementation's 7e-4)."""
 
     concepts: str = ""  # "" = data/concepts/common-visual.txt; a name there or a path
     top_k: int = 100
@@ -158,6 +166,8 @@ class ClipDissectConfig:
     def __post_init__(self) -> None:
         _positive(self, "top_k")
         _unit_interval(self, "p_start", "p_end")
+        if self.p_end > self.p_start:
+            raise ConfigError("clip_dissect.p_end must be <= clip_dissect.p_start")
 
 
 @dataclass(frozen=True)
@@ -173,7 +183,6 @@ class BuildConfig:
     cache_dir: str = ""  # "" = <out>/cache
     chunk_size: int = 64  # neurons processed together (batched model calls)
     shard: str = ""  # "I/N": build only the I-th of N deterministic shares of the neurons
-    cost_mode: str = "efficient"  # efficient | official-shaped (the official implementation's calls, for benchmarks)
     record: RecordConfig = field(default_factory=RecordConfig)
     crop: CropConfig = field(default_factory=CropConfig)
     describe: DescribeConfig = field(default_factory=DescribeConfig)
@@ -184,8 +193,6 @@ class BuildConfig:
     def __post_init__(self) -> None:
         if self.shard:
             shard_of(self.shard)  # validates
-        if self.cost_mode not in ("efficient", "official-shaped"):
-            raise ConfigError("cost_mode must be 'efficient' or 'official-shaped'")
         if self.labeler not in ("dnd", "clip-dissect"):
             raise ConfigError(f"labeler must be 'dnd' or 'clip-dissect', got {self.labeler!r}")
         if not self.models:
@@ -207,7 +214,7 @@ class BuildConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BuildConfig:
         """Build and validate a config; unknown keys raise ConfigError."""
-        data = dict(data)
+        data = _drop_legacy(dict(data))
         _check_keys(cls, data, "")
         kwargs: dict[str, Any] = {}
         sections = {
@@ -250,6 +257,11 @@ class BuildConfig:
         backend options) replaced: this is what an atlas publishes."""
         return _redact(self.to_dict())
 
+    def redacted_fingerprint(self) -> dict[str, Any]:
+        """``fingerprint`` with secrets replaced: what an atlas's meta keeps to
+        refuse resuming or merging with other settings."""
+        return _redact(self.fingerprint())
+
     def to_json(self) -> str:
         """Canonical JSON (sorted keys): saved in the atlas meta."""
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -266,6 +278,30 @@ class BuildConfig:
         d["describe"].pop("batch_size", None)
         d["dissect"].pop("batch_size", None)
         return d
+
+
+# Keys older configs and atlases hold that mean nothing now, with the one value
+# that is still accepted: `cost_mode = "official-shaped"` moved to the benchmarks
+# (bench/official.py), so "efficient" is how every build runs.
+LEGACY_KEYS = {"cost_mode": "efficient"}
+
+
+def _drop_legacy(data: dict[str, Any]) -> dict[str, Any]:
+    for key, value in LEGACY_KEYS.items():
+        if key in data:
+            if data[key] != value:
+                raise ConfigError(
+                    f"{key} = {data[key]!r} is no longer a build setting (the official implementation's "
+                    "call pattern is reproduced by the benchmarks: python -m bench --only cost); remove it"
+                )
+            del data[key]
+    return data
+
+
+def comparable_fingerprint(fp: dict[str, Any]) -> dict[str, Any]:
+    """A stored build fingerprint without the legacy keys, so an atlas built
+    before they were dropped resumes and merges as it did."""
+    return {k: v for k, v in fp.items() if LEGACY_KEYS.get(k, object()) != v}
 
 
 def preset_names() -> list[str]:

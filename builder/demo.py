@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from builder.build import BuildSummary, build
 from builder.config import BuildConfig
+from builder.pipeline.records import BuildSummary
+from builder.pipeline.run import build
 
 log = logging.getLogger(__name__)
 

@@ -124,14 +124,16 @@ class Atlas:
 
     @classmethod
     def open(
-        cls, path: str | os.PathLike[str], read_only: bool = True, create: bool = False
+        cls, path: str | os.PathLike[str], read_only: bool = True, create: bool = False,
+        allow_older: bool = False,
     ) -> Atlas:
         """Open the atlas at ``path`` (its directory or its ``atlas.duckdb``).
 
         Read-only (the default) never creates or changes a file and refuses an
-        atlas of another format version. Writable, an older atlas is migrated
-        in place; ``create=True`` makes a new empty atlas when none exists.
-        Raises :class:`AtlasNotFound` or :class:`FormatVersionError`.
+        atlas of another format version, unless ``allow_older`` (for readers
+        that only read what every version has). Writable, an older atlas is
+        migrated in place; ``create=True`` makes a new empty atlas when none
+        exists. Raises :class:`AtlasNotFound` or :class:`FormatVersionError`.
         """
         atlas_dir, db = resolve_paths(path)
         if not db.is_file():
@@ -152,7 +154,9 @@ class Atlas:
                     f"({FORMAT_VERSION}); upgrade dnd-atlas"
                 )
             if version < FORMAT_VERSION:
-                if read_only:
+                if read_only and allow_older:
+                    pass
+                elif read_only:
                     raise FormatVersionError(
                         f"atlas format version {version} is older than this dnd-atlas "
                         f"({FORMAT_VERSION}); rebuild the atlas, or open it writable "
@@ -180,7 +184,11 @@ class Atlas:
     def __repr__(self) -> str:
         return f"Atlas({str(self.path)!r}, read_only={self.read_only})"
 
-    def _rows(self, sql: str, params: Iterable[object] = ()) -> list[dict[str, Any]]:
+    def sql(self, sql: str, params: Iterable[object] = ()) -> list[dict[str, Any]]:
+        """Run a read query on the atlas's DuckDB file; rows as dicts.
+
+        >>> atlas.sql("SELECT layer, unit, text FROM labels WHERE rank = 1 LIMIT 5")  # doctest: +SKIP
+        """
         if self.con is None:
             raise AtlasError("the atlas is closed")
         cur = self.con.execute(sql, list(params))
@@ -193,7 +201,7 @@ class Atlas:
     def meta(self) -> dict[str, Any]:
         """The meta table, values JSON-decoded (plain strings stay strings)."""
         if self._meta is None:
-            rows = self._rows("SELECT key, value FROM meta ORDER BY key")
+            rows = self.sql("SELECT key, value FROM meta ORDER BY key")
             self._meta = {r["key"]: _decode(r["value"]) for r in rows}
         return dict(self._meta)
 
@@ -205,14 +213,14 @@ class Atlas:
                 n_probe_images=r["n_probe_images"], n_skipped_images=r["n_skipped_images"],
                 config=_decode(r["config"]) if r["config"] else {},
             )
-            for r in self._rows("SELECT * FROM models ORDER BY model")
+            for r in self.sql("SELECT * FROM models ORDER BY model")
         ]
 
     def layers(self, model: str | None = None) -> list[LayerInfo]:
         """The layers (of ``model``, or of every model) in model order, with status counts."""
         if model is not None:
             self._check_model(model)
-        rows = self._rows(
+        rows = self.sql(
             """
             SELECT l.model, l.layer, l.position, l.kind, l.n_units,
                    count(*) FILTER (WHERE n.status = 'ok') AS n_ok,
@@ -229,7 +237,7 @@ class Atlas:
         return [LayerInfo(**r) for r in rows]
 
     def _model_names(self) -> list[str]:
-        return [r["model"] for r in self._rows(
+        return [r["model"] for r in self.sql(
             "SELECT model FROM models UNION SELECT model FROM layers ORDER BY model")]
 
     def _check_model(self, model: str) -> None:
@@ -241,14 +249,14 @@ class Atlas:
         """The model owning ``layer``: ``model`` itself when given, else the only one."""
         if model is not None:
             self._check_model(model)
-            layers = [r["layer"] for r in self._rows(
+            layers = [r["layer"] for r in self.sql(
                 "SELECT layer FROM layers WHERE model = ? ORDER BY position, layer", [model])]
             if layer not in layers:
                 raise QueryError(
                     f"unknown layer {layer!r} in model {model!r}; valid layers: {_choices(layers)}"
                 )
             return model
-        owners = [r["model"] for r in self._rows(
+        owners = [r["model"] for r in self.sql(
             "SELECT model FROM layers WHERE layer = ? ORDER BY model", [layer])]
         if len(owners) == 1:
             return owners[0]
@@ -256,7 +264,7 @@ class Atlas:
             raise QueryError(
                 f"layer {layer!r} exists in several models ({_choices(owners)}); pass a model"
             )
-        layers = [r["layer"] for r in self._rows(
+        layers = [r["layer"] for r in self.sql(
             "SELECT DISTINCT layer, min(position) AS p FROM layers GROUP BY layer ORDER BY p, layer")]
         raise QueryError(f"unknown layer {layer!r}; valid layers: {_choices(layers)}")
 
@@ -270,12 +278,12 @@ class Atlas:
         layer or unit.
         """
         model = self._resolve_layer(model, layer)
-        row = self._rows(
+        row = self.sql(
             "SELECT * FROM neurons WHERE model = ? AND layer = ? AND unit = ?",
             [model, layer, int(unit)],
         )
         if not row:
-            n_units = self._rows(
+            n_units = self.sql(
                 "SELECT n_units FROM layers WHERE model = ? AND layer = ?", [model, layer]
             )[0]["n_units"]
             if not 0 <= int(unit) < n_units:
@@ -287,7 +295,7 @@ class Atlas:
         key = [model, layer, int(unit)]
         labels = [
             Label(rank=r["rank"], text=r["text"], concept_score=r["concept_score"])
-            for r in self._rows(
+            for r in self.sql(
                 "SELECT rank, text, concept_score FROM labels "
                 "WHERE model = ? AND layer = ? AND unit = ? ORDER BY rank", key)
         ]
@@ -298,7 +306,7 @@ class Atlas:
                 selected_rank=r["selected_rank"],
                 samples=list(_decode(r["samples"]) or []) if r["samples"] else [],
             )
-            for r in self._rows(
+            for r in self.sql(
                 "SELECT * FROM candidates WHERE model = ? AND layer = ? AND unit = ? "
                 "ORDER BY position", key)
         ]
@@ -309,14 +317,14 @@ class Atlas:
                 activation=r["activation"], thumbnail=r["thumbnail"],
                 caption_key=r["caption_key"], caption=r["caption"],
             )
-            for r in self._rows(
+            for r in self.sql(
                 "SELECT e.*, c.text AS caption FROM evidence e "
                 "LEFT JOIN captions c ON c.caption_key = e.caption_key "
                 "WHERE e.model = ? AND e.layer = ? AND e.unit = ? ORDER BY e.rank", key)
         ]
         calls = {
             r["stage"]: (int(r["calls"]), int(r["cached"]))
-            for r in self._rows(
+            for r in self.sql(
                 "SELECT stage, calls, cached FROM call_counts "
                 "WHERE model = ? AND layer = ? AND unit = ? ORDER BY stage", key)
         }
@@ -347,7 +355,7 @@ class Atlas:
         elif model is not None:
             self._check_model(model)
         elif layer is not None:
-            known = self._rows("SELECT 1 FROM layers WHERE layer = ? LIMIT 1", [layer])
+            known = self.sql("SELECT 1 FROM layers WHERE layer = ? LIMIT 1", [layer])
             if not known:
                 self._resolve_layer(None, layer)  # raises, listing the valid layers
 
@@ -397,7 +405,7 @@ class Atlas:
         if self._index_checked:
             return self._index
         self._index_checked = True
-        n_labels = self._rows("SELECT count(*) AS n FROM labels")[0]["n"]
+        n_labels = self.sql("SELECT count(*) AS n FROM labels")[0]["n"]
         if not (self.path / INDEX_FILE).is_file():
             log.warning("%s is missing; using exact search over label_vectors", INDEX_FILE)
             return None
@@ -426,7 +434,7 @@ class Atlas:
         n = min(total, max(3 * k, 32))  # up to 3 labels per neuron
         while True:
             ids, sims = nearest(n)
-            rows = self._rows(
+            rows = self.sql(
                 "SELECT l.label_id, l.model, l.layer, l.unit, l.text FROM labels l "
                 "JOIN neurons n ON n.model = l.model AND n.layer = l.layer AND n.unit = l.unit "
                 f"WHERE l.label_id IN (SELECT unnest(?::BIGINT[])) AND {where}",
@@ -451,7 +459,7 @@ class Atlas:
         if not top:
             return []
         keys = [f"{m}\x00{l}\x00{u}" for (m, l, u), _ in top]
-        rows = self._rows(
+        rows = self.sql(
             "SELECT model, layer, unit, rank, text, concept_score FROM labels "
             "WHERE model || chr(0) || layer || chr(0) || unit::VARCHAR IN (SELECT unnest(?::VARCHAR[])) "
             "ORDER BY model, layer, unit, rank",
@@ -485,7 +493,7 @@ class Atlas:
             layers = self.layers(m)
             totals = {s: sum(getattr(li, f"n_{s}") for li in layers) for s in NEURON_STATUSES}
             totals["units"] = sum(li.n_units for li in layers)
-            calls = self._rows(
+            calls = self.sql(
                 """
                 SELECT stage, sum(calls) AS calls, sum(cached) AS cached,
                        count(DISTINCT (layer, unit)) AS neurons
@@ -505,7 +513,7 @@ class Atlas:
             for stage in COUNTED_STAGES:
                 per_neuron.setdefault(stage, {"calls": 0, "cached": 0,
                                               "calls_per_neuron": 0.0, "cached_per_neuron": 0.0})
-            times = {r["stage"]: r["seconds"] for r in self._rows(
+            times = {r["stage"]: r["seconds"] for r in self.sql(
                 "SELECT stage, seconds FROM stage_times WHERE model = ? ORDER BY stage", [m])}
             models.append({
                 "model": m,
@@ -515,8 +523,8 @@ class Atlas:
                 "stage_seconds": times,
             })
         grand = {s: sum(mo["totals"][s] for mo in models) for s in (*NEURON_STATUSES, "units")}
-        n_labels = self._rows("SELECT count(*) AS n FROM labels")[0]["n"]
-        n_vectors = self._rows("SELECT count(*) AS n FROM label_vectors")[0]["n"]
+        n_labels = self.sql("SELECT count(*) AS n FROM labels")[0]["n"]
+        n_vectors = self.sql("SELECT count(*) AS n FROM label_vectors")[0]["n"]
         index_file = self.path / INDEX_FILE
         return {
             "path": str(self.path),

@@ -305,10 +305,14 @@ def create_app(atlas_dir: str | os.PathLike[str], preload: bool = False):
     @app.post("/classify", response_model=dict[str, Any], responses=errors(400, 404, 422, 501),
               summary="neurons usable as zero-training classifiers of a concept")
     def classify(request: Annotated[ClassifyRequest, Body()]) -> dict[str, Any]:
+        from query.plugins import service
+
         try:
-            from builder.classify import classify as run_classify
+            run_classify = service("classify")
         except ImportError as exc:
             raise ApiError(501, f"classify needs the builder and torch: {_one_line(exc)}")
+        if run_classify is None:
+            raise ApiError(501, "classify is not installed on this server (pip install 'dnd-atlas[build]')")
         images = Path(request.images)  # literal: no ~ expansion on the server
         try:
             is_dir = images.is_dir()

@@ -132,6 +132,18 @@ class AtlasWriter:
         ).fetchone()
         self.set_stage_time(model, stage, (row[0] if row else 0.0) + seconds)
 
+    def replace_evaluations(self, protocol: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Replace every ``evaluations`` row of ``protocol`` with ``rows``
+        (protocol, model, layer, metric, value, details, evaluated_at) in one
+        transaction."""
+
+        def work() -> None:
+            self.con.execute("DELETE FROM evaluations WHERE protocol = ?", [protocol])
+            if rows:
+                self.con.executemany("INSERT INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?)", [list(r) for r in rows])
+
+        self._tx(work)
+
     # -- neurons ---------------------------------------------------------------
     def write_neurons(self, results: Iterable[NeuronResult]) -> None:
         """Write each neuron in its own transaction."""

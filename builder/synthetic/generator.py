@@ -11,8 +11,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from builder.backends import Generator
-from builder.registry import generators
+from builder.backends.interfaces import Generator
 from builder.synthetic.world import (
     BACKGROUNDS,
     COLORS,
@@ -98,8 +97,3 @@ class ProceduralGenerator(Generator):
         """``n`` RGB images per prompt (see the class docstring)."""
         return [[img for img, _ in row] for row in self.generate_with_scenes(prompts, n, seed)]
 
-
-@generators.register("procedural")
-def procedural_generator(size: int = 64) -> ProceduralGenerator:
-    """Generator factory: the procedural renderer at ``size`` pixels."""
-    return ProceduralGenerator(size=size)

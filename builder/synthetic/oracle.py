@@ -10,9 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from builder.backends import Captioner, CaptionItem
+from builder.backends.interfaces import Captioner, CaptionItem
 from builder.errors import BackendError
-from builder.registry import captioners
 from builder.synthetic.probe import load_masks, load_world_index, read_manifest
 from builder.synthetic.world import Scene, caption
 
@@ -68,8 +67,3 @@ class OracleCaptioner(Captioner):
             out.append(caption(scene, self._masks[key], item.box))
         return out
 
-
-@captioners.register("oracle")
-def oracle_captioner(probe_dir: str) -> OracleCaptioner:
-    """Captioner factory: the oracle over the synthetic probe set ``probe_dir``."""
-    return OracleCaptioner(probe_dir)

@@ -27,7 +27,6 @@ import torch
 from PIL import Image
 from torch import nn
 
-from builder.registry import targets
 from builder.synthetic.world import COLORS, PATTERNS, fill_colors
 
 PLANTED_CONCEPTS: list[tuple[str, ...]] = [
@@ -130,7 +129,6 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 255.0
 
 
-@targets.register("planted")
 def planted_model() -> tuple[PlantedModel, Callable[[Image.Image], torch.Tensor]]:
     """Target factory: (the planted-neuron model in eval mode, ToTensor preprocess)."""
     return PlantedModel().eval(), to_tensor

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tomli_w
 
-from builder.classify import (
+from builder.evaluation.classifier import (
     NeuronScore,
     classify,
     classify_all,
@@ -23,7 +23,7 @@ from builder.classify import (
     rank_neurons,
     summarize_scores,
 )
-from builder.cli_classify import add_classify_arguments, run_classify
+from builder.commands.classify import add_classify_arguments, run_classify
 from builder.synthetic.planted import PLANTED_CONCEPTS
 from builder.synthetic.probe import write_probe_set
 from builder.synthetic.world import COLORS, render, sample_scene
@@ -38,7 +38,7 @@ BLUE_UNIT = PLANTED_CONCEPTS.index(("blue",))
 @pytest.fixture(scope="module")
 def atlas(tmp_path_factory) -> Path:
     """A planted-model atlas built from 200 synthetic probe images."""
-    from builder.build import build
+    from builder.pipeline.run import build
     from builder.config import load_config
 
     root = tmp_path_factory.mktemp("classify")
@@ -245,8 +245,8 @@ def test_the_cli_prints_one_line_and_exits_2(atlas, labelled, monkeypatch, capsy
     if not any(c.name == "classify" for c in cli.COMMANDS):
         monkeypatch.setattr(cli, "COMMANDS", [*cli.COMMANDS, cli.Command(
             "classify", "find neurons to use as classifiers",
-            cli.lazy("builder.cli_classify:add_classify_arguments"),
-            cli.lazy("builder.cli_classify:run_classify"))])
+            cli.lazy("builder.commands.classify:add_classify_arguments"),
+            cli.lazy("builder.commands.classify:run_classify"))])
     assert cli.main(["classify", str(atlas), "dog", "--images", str(labelled)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("dnd-atlas: error: no class folder matches 'dog'")

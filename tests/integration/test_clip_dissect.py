@@ -12,7 +12,7 @@ import duckdb
 import numpy as np
 import pytest
 
-from builder.clip_dissect import (
+from builder.pipeline.clip_dissect import (
     SoftWPMIParams,
     build_clip_dissect,
     concept_probabilities,
@@ -23,7 +23,7 @@ from builder.clip_dissect import (
 )
 from builder.config import BuildConfig
 from builder.errors import BuildError
-from builder.evaluate import evaluate_synthetic
+from builder.evaluation.synthetic import evaluate_synthetic
 from builder.synthetic.probe import write_probe_set
 from query import Atlas
 

@@ -14,8 +14,8 @@ import duckdb
 import numpy as np
 import pytest
 
-from builder.cli_eval import add_eval_arguments, run_eval
-from builder.eval_store import read_evaluations
+from builder.commands.eval import add_eval_arguments, run_eval
+from query.evaluations import read_evaluations
 from builder.synthetic.planted import PLANTED_CONCEPTS
 from builder.synthetic.probe import write_probe_set
 from builder.synthetic.world import COLORS, render, sample_scene
@@ -33,7 +33,7 @@ COLOR_UNITS = [PLANTED_CONCEPTS.index((c,)) for c in COLORS]
 def built(tmp_path_factory) -> Path:
     """A pristine atlas (planted detectors + demo-cnn fc, 150 probe images);
     tests copy it when they write."""
-    from builder.build import build
+    from builder.pipeline.run import build
     from builder.config import BuildConfig
 
     root = tmp_path_factory.mktemp("eval")

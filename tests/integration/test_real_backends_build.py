@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from openai_server import Reply, ScriptedServer  # noqa: E402
 from tiny_models import make_tiny_blip, make_tiny_clip, make_tiny_sd  # noqa: E402
 
-from builder.build import build  # noqa: E402
+from builder.pipeline.run import build  # noqa: E402
 from builder.config import BuildConfig  # noqa: E402
 from builder.synthetic.probe import write_probe_set  # noqa: E402
 

@@ -140,10 +140,10 @@ def base(atlas_dir):
 
 @pytest.fixture
 def fake_classify(monkeypatch):
-    """A stand-in for ``builder.classify`` (the real one runs the target model):
+    """A stand-in for ``builder.evaluation.classifier`` (the real one runs the target model):
     records its calls, answers like the real one, raises what it is told to."""
     calls = []
-    module = types.ModuleType("builder.classify")
+    module = types.ModuleType("builder.evaluation.classifier")
 
     class Result:
         def __init__(self, concept, k):
@@ -162,7 +162,7 @@ def fake_classify(monkeypatch):
         return Result(concept, k)
 
     module.classify = classify
-    monkeypatch.setitem(sys.modules, "builder.classify", module)
+    monkeypatch.setitem(sys.modules, "builder.evaluation.classifier", module)
     return calls
 
 
@@ -267,7 +267,7 @@ def test_classify_calls_the_builder(atlas_dir, fake_classify, tmp_path):
 
 
 def test_classify_without_the_builder_is_501(base, monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "builder.classify", None)  # import fails like without torch
+    monkeypatch.setitem(sys.modules, "builder.evaluation.classifier", None)  # import fails like without torch
     status, _, err = call(base, "/classify", {"concept": "dog", "images": str(tmp_path)})
     assert status == 501 and "needs the builder" in err["detail"]
 

@@ -18,10 +18,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from atlas_tables import tables  # noqa: E402
 
-from builder.build import build, shard_neurons
+from builder.pipeline.run import build, shard_neurons
 from builder.config import BuildConfig
 from builder.errors import BuildError
-from builder.merge import merge_atlases
+from query.merge import merge_atlases
 from builder.synthetic.probe import write_probe_set
 from query import Atlas
 from query.cli import main as cli_main
@@ -79,8 +79,8 @@ def with_merge_command(monkeypatch):
 
     if not any(c.name == "merge" for c in query.cli.COMMANDS):
         monkeypatch.setattr(query.cli, "COMMANDS", [*query.cli.COMMANDS, query.cli.Command(
-            "merge", "merge shard atlases into one atlas", query.cli.lazy("builder.cli_scale:add_merge_arguments"),
-            query.cli.lazy("builder.cli_scale:run_merge"))])
+            "merge", "merge shard atlases into one atlas", query.cli.lazy("builder.commands.scale:add_merge_arguments"),
+            query.cli.lazy("builder.commands.scale:run_merge"))])
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -226,7 +226,7 @@ def _copy(src: Path, dst: Path) -> Path:
 
 def test_ray_build_equals_a_single_build(probe, reference, tmp_path):
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'dnd-atlas[ray]')")
-    from builder.ray_build import ray_build
+    from builder.pipeline.shards import ray_build
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -253,7 +253,7 @@ def test_ray_build_equals_a_single_build(probe, reference, tmp_path):
 
 
 def test_ray_build_without_ray_names_the_extra(probe, tmp_path, monkeypatch):
-    from builder.ray_build import ray_build
+    from builder.pipeline.shards import ray_build
 
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(BuildError, match=r"pip install 'dnd-atlas\[ray\]'"):
@@ -261,7 +261,7 @@ def test_ray_build_without_ray_names_the_extra(probe, tmp_path, monkeypatch):
 
 
 def test_ray_build_refuses_a_sharded_config(probe, tmp_path):
-    from builder.ray_build import shard_configs
+    from builder.pipeline.shards import shard_configs
 
     with pytest.raises(BuildError, match="drop shard"):
         shard_configs(config(probe, tmp_path / "a", shard="0/2"), 2)

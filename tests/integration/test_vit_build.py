@@ -4,7 +4,7 @@ cls token or the patch tokens, and attention crops come from the patch map."""
 import duckdb
 import pytest
 
-from builder.build import build
+from builder.pipeline.run import build
 from builder.config import BuildConfig
 from builder.synthetic.probe import write_probe_set
 

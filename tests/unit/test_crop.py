@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from builder.crop import attention_boxes, iou
+from builder.pipeline.crops import attention_boxes, iou
 
 
 def test_iou():

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 
 from builder import eval_final_layer
-from builder.cli_eval import _output, compare_table
+from builder.commands.eval import _output, compare_table
 from builder.errors import BuildError
-from builder.eval_cosy import control_pool
-from builder.eval_final_layer import evaluate_final_layer, find_targets, read_class_names
-from builder.eval_read import AtlasView, LayerRow
-from builder.eval_store import EvalRow, read_evaluations, write_evaluations
-from builder.eval_suite import compare_metrics, flatten_metrics
+from builder.evaluation.cosy import control_pool
+from builder.evaluation.final_layer import evaluate_final_layer, find_targets, read_class_names
+from builder.evaluation.view import AtlasView, LayerRow
+from query.evaluations import EvalRow, read_evaluations, write_evaluations
+from builder.evaluation.suite import compare_metrics, flatten_metrics
 from query.schema import DB_FILE, FORMAT_VERSION, MIGRATIONS
 
 

@@ -22,10 +22,10 @@ os.environ.setdefault("DND_ATLAS_PROGRESS", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tiny_models
 
-import builder.plugins  # noqa: F401  (registers the lazy backends)
-from builder.backends import CaptionItem
+import builder.backends.builtin  # noqa: F401  (registers the lazy backends)
+from builder.backends.interfaces import CaptionItem
 from builder.errors import BackendError
-from builder.registry import captioners, generators, similarities
+from builder.backends.registry import captioners, generators, similarities
 
 PROMPTS = ["a red dog", "a striped cat on grass", "a blue car"]
 
@@ -303,7 +303,7 @@ def test_build_with_blip_diffusers_and_clip(tmp_path, tiny_blip, tiny_sd, tiny_c
     records them in the atlas meta (about 5 s on one thread)."""
     import duckdb
 
-    from builder.build import build
+    from builder.pipeline.run import build
     from builder.config import BuildConfig
     from builder.synthetic.probe import write_probe_set
 

@@ -8,8 +8,9 @@ from PIL import Image
 
 from builder.errors import LayerError
 from builder.probe import ProbeSet
-from builder.record import TopK, activation_maps, hooked, record_topk, summarize
-from builder.targets import Target
+from builder.backends.layers import activation_maps, hooked, summarize
+from builder.pipeline.record import TopK, record_topk
+from builder.backends.targets import Target
 
 
 class Tiny(torch.nn.Module):

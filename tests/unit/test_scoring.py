@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from builder.labels import interpretability, select_labels
-from builder.scoring import (
+from builder.pipeline.labels import interpretability, select_labels
+from builder.pipeline.scoring import (
     CandidateEvidence,
     CandidateScore,
     auc,

@@ -1,6 +1,6 @@
 """The extractive summarizer proposes what most captions share."""
 
-from builder.summarize import CaptionsAsCandidates, extract_concepts, normalize_concept
+from builder.backends.extractive import CaptionsAsCandidates, extract_concepts, normalize_concept
 
 
 def test_shared_words_and_gapped_pairs_rank_first():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from builder.errors import BackendError, LayerError
-from builder.targets import load_target
+from builder.backends.targets import load_target
 
 CPU = torch.device("cpu")
 
