@@ -153,16 +153,14 @@ class Atlas:
                     f"atlas format version {version} is newer than this dnd-atlas supports "
                     f"({FORMAT_VERSION}); upgrade dnd-atlas"
                 )
-            if version < FORMAT_VERSION:
-                if read_only and allow_older:
-                    pass
-                elif read_only:
-                    raise FormatVersionError(
-                        f"atlas format version {version} is older than this dnd-atlas "
-                        f"({FORMAT_VERSION}); rebuild the atlas, or open it writable "
-                        "(Atlas.open(path, read_only=False)) to migrate it"
-                    )
+            if version < FORMAT_VERSION and not read_only:
                 migrate(con)
+            elif version < FORMAT_VERSION and not allow_older:
+                raise FormatVersionError(
+                    f"atlas format version {version} is older than this dnd-atlas "
+                    f"({FORMAT_VERSION}); rebuild the atlas, or open it writable "
+                    "(Atlas.open(path, read_only=False)) to migrate it"
+                )
         except BaseException:
             con.close()
             raise

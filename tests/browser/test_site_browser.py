@@ -27,8 +27,8 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwr
 
 
 def _load_site_tests():
-    """tests/integration/test_site.py, for its fixture atlases (no package to import from)."""
-    path = Path(__file__).resolve().parents[1] / "integration" / "test_site.py"
+    """tests/integration/atlas_site/test_site.py, for its site fixtures."""
+    path = Path(__file__).resolve().parents[1] / "integration" / "atlas_site" / "test_site.py"
     spec = importlib.util.spec_from_file_location("_dnd_site_fixtures", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

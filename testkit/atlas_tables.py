@@ -28,3 +28,26 @@ def tables(atlas: Path, models: tuple[str, ...] | None = None) -> dict[str, list
         return out
     finally:
         con.close()
+
+
+DIGEST_TABLES = ("neurons", "labels", "candidates", "evidence", "captions")
+
+
+def table_digest(atlas: Path) -> dict[str, list]:
+    """Per content table: [row count, sha256 (16 hex digits) of its rows,
+    floats rounded to 4 places]: a fingerprint of what an atlas says."""
+    import hashlib
+    import json
+
+    content = tables(atlas)
+    return {t: [len(content[t]), hashlib.sha256(json.dumps(content[t], default=str).encode()).hexdigest()[:16]]
+            for t in DIGEST_TABLES}
+
+
+if __name__ == "__main__":  # python -m testkit.atlas_tables DEMO_DIR: print the digests of a demo folder
+    import json
+    import sys
+
+    demo = Path(sys.argv[1])
+    print(json.dumps({"dnd": table_digest(demo / "atlas"), "clip-dissect": table_digest(demo / "clip-dissect")},
+                     indent=1))

@@ -15,16 +15,16 @@ import duckdb
 import faiss
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from atlas_tables import tables  # noqa: E402
-
-from builder.pipeline.run import build, shard_neurons
 from builder.config import BuildConfig
 from builder.errors import BuildError
-from query.merge import merge_atlases
+from builder.pipeline.neurons import shard_neurons
+from builder.pipeline.run import build
 from builder.synthetic.probe import write_probe_set
 from query import Atlas
 from query.cli import main as cli_main
+from query.errors import MergeError
+from query.merge import merge_atlases
+from testkit.atlas_tables import tables
 
 N_PROBE = 120
 PLANTED = {"name": "planted", "target": "planted", "layers": ["detectors"]}
@@ -73,14 +73,11 @@ def neuron_keys(atlas: Path) -> set[tuple]:
 
 
 @pytest.fixture
-def with_merge_command(monkeypatch):
-    """``dnd-atlas merge`` as query/cli.py registers it (added here until it does)."""
+def with_merge_command():
+    """``dnd-atlas merge`` is found through its entry point (nothing to add)."""
     import query.cli
 
-    if not any(c.name == "merge" for c in query.cli.COMMANDS):
-        monkeypatch.setattr(query.cli, "COMMANDS", [*query.cli.COMMANDS, query.cli.Command(
-            "merge", "merge shard atlases into one atlas", query.cli.lazy("builder.commands.scale:add_merge_arguments"),
-            query.cli.lazy("builder.commands.scale:run_merge"))])
+    assert "merge" in {c.name for c in query.cli.all_commands()}
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -203,7 +200,7 @@ def test_merge_overlapping_neurons(shards, merged, tmp_path):
     con.execute("UPDATE labels SET text = 'purple elephant' WHERE model = ? AND layer = ? AND unit = ?",
                 [model, layer, unit])
     con.close()
-    with pytest.raises(BuildError, match=f"neuron {model}/{layer}/{unit} with other labels rows"):
+    with pytest.raises(MergeError, match=f"neuron {model}/{layer}/{unit} with other labels rows"):
         merge_atlases(tmp_path / "out", [shards[0], bad])
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.merging-*"))

@@ -35,7 +35,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from query.errors import AtlasError, AtlasNotFound, QueryError
 from query.server import SearchUnavailable, ServeError, bind, create_app, error_status
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 NEURONS = [
     {"model": "cnn", "layer": "layer4.0.conv2", "unit": 0,
@@ -508,14 +508,10 @@ def test_bind_reports_a_taken_port():
 
 
 def test_cli_errors_are_one_line(atlas_dir, tmp_path, monkeypatch, capsys):
-    """Wired into ``dnd-atlas`` (added here when query/cli.py does not list it yet):
-    a missing atlas and a bad port are one line on stderr and exit status 2."""
+    """Through ``dnd-atlas serve``: a missing atlas and a bad port are one
+    line on stderr and exit status 2."""
     from query import cli
-    from query.server import add_serve_arguments, run_serve
 
-    if "serve" not in {c.name for c in cli.COMMANDS}:
-        monkeypatch.setattr(cli, "COMMANDS", [*cli.COMMANDS, cli.Command(
-            "serve", "serve an atlas over HTTP", add_serve_arguments, run_serve)])
     assert cli.main(["serve", str(tmp_path / "nothing")]) == 2
     assert capsys.readouterr().err.startswith("dnd-atlas: error: no atlas at ")
     assert cli.main(["serve", str(atlas_dir), "--port", "70000"]) == 2

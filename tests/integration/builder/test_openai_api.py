@@ -22,18 +22,18 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from openai_server import Hang, RawBody, Reply, ScriptedServer, Status
 from PIL import Image
 
 from builder.backends.interfaces import CaptionItem
-from builder.data_files import data_path
-from builder.errors import BackendError
 from builder.backends.openai_api import (
     PLACEHOLDER_API_KEY,
     OpenAISummarizer,
     OpenAIVisionCaptioner,
     parse_candidate_list,
 )
+from builder.data_files import data_path
+from builder.errors import BackendError
+from testkit.openai_server import Hang, RawBody, Reply, ScriptedServer, Status
 
 CAPTIONS = [
     "a red striped circle on grass",
@@ -282,7 +282,7 @@ def test_local_servers_get_a_placeholder_key_and_openai_needs_a_real_one(srv):
 
 
 def test_registered_lazily_under_openai_and_openai_vision(srv):
-    from builder.backends.builtin import captioners, summarizers
+    from builder.backends.registry import captioners, summarizers
 
     s = summarizers.create("openai", model="stub-model", base_url=srv.base_url, concurrency=2)
     assert isinstance(s, OpenAISummarizer) and s.concurrency == 2
@@ -510,9 +510,9 @@ def test_a_build_with_the_openai_summarizer_records_a_failed_neuron_and_goes_on(
     """The planted model's 18 units through the builder: the first neuron's
     answers are unusable twice (it is recorded as failed, with the reason),
     every other neuron gets concepts the stub extracts from its captions."""
-    from builder.pipeline.run import build
-    from builder.config import BuildConfig
     from builder.backends.extractive import extract_concepts
+    from builder.config import BuildConfig
+    from builder.pipeline.run import build
     from builder.synthetic.probe import write_probe_set
     from query import Atlas
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from builder.errors import LayerError
-from builder.probe import ProbeSet
 from builder.backends.layers import activation_maps, hooked, summarize
-from builder.pipeline.record import TopK, record_topk
 from builder.backends.targets import Target
+from builder.errors import LayerError
+from builder.pipeline.record import TopK, record_topk
+from builder.probe import ProbeSet
 
 
 class Tiny(torch.nn.Module):

@@ -4,18 +4,17 @@ cls token or the patch tokens, and attention crops come from the patch map."""
 import duckdb
 import pytest
 
-from builder.pipeline.run import build
 from builder.config import BuildConfig
+from builder.pipeline.run import build
 from builder.synthetic.probe import write_probe_set
 
 
 @pytest.mark.parametrize("tokens", ["cls", "patches"])
 def test_vit_blocks_are_dissected(tmp_path, tokens, monkeypatch):
-    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).resolve().parents[1]))
     probe = write_probe_set(tmp_path / "probe", n=60, seed=5, progress=False)
     cfg = BuildConfig.from_dict({
         "out": str(tmp_path / "atlas"),
-        "models": [{"name": "vit", "target": "vit_factory:tiny_vit", "probe": str(probe),
+        "models": [{"name": "vit", "target": "testkit.vit_factory:tiny_vit", "probe": str(probe),
                     "layers": ["encoder.layers.encoder_layer_1", "heads.head"], "vit_tokens": tokens}],
         "record": {"top_k": 5},
         "describe": {"n_candidates": 3},

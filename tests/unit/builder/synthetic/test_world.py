@@ -15,8 +15,8 @@ from PIL import Image
 
 import builder.synthetic  # noqa: F401  (registers the backends)
 from builder.backends.interfaces import CaptionItem
-from builder.errors import BackendError, BuildError
 from builder.backends.registry import captioners, generators, targets
+from builder.errors import BackendError, BuildError
 from builder.synthetic import world
 from builder.synthetic.demo_cnn import OUTPUT_CONCEPTS, demo_cnn, make_dataset
 from builder.synthetic.generator import ProceduralGenerator

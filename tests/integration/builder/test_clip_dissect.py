@@ -4,6 +4,7 @@ random CLIP on the real-CLIP path, and resume."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -12,18 +13,17 @@ import duckdb
 import numpy as np
 import pytest
 
+from builder.config import BuildConfig, ClipDissectConfig
+from builder.errors import BuildError
+from builder.evaluation.synthetic import evaluate_synthetic
 from builder.pipeline.clip_dissect import (
-    SoftWPMIParams,
-    build_clip_dissect,
     concept_probabilities,
     load_concepts,
     soft_membership,
     soft_wpmi,
     top_images,
 )
-from builder.config import BuildConfig
-from builder.errors import BuildError
-from builder.evaluation.synthetic import evaluate_synthetic
+from builder.pipeline.run import build
 from builder.synthetic.probe import write_probe_set
 from query import Atlas
 
@@ -47,7 +47,7 @@ def test_soft_wpmi_golden():
     # 3 images x 2 concepts, 2 units; top_k 2 so membership is (0.9, 0.8)
     p = np.log(np.array([[0.8, 0.2], [0.5, 0.5], [0.1, 0.9]]))  # softmax(1 * p) gives these rows back
     acts = np.array([[3.0, 0.0], [2.0, 1.0], [1.0, 2.0]])  # unit 0: images 0, 1; unit 1: images 2, 1
-    params = SoftWPMIParams(top_k=2, a=1.0, lam=1.0, p_start=0.9, p_end=0.7, eps=0.0)
+    params = ClipDissectConfig(top_k=2, a=1.0, lam=1.0, p_start=0.9, p_end=0.7, eps=0.0)
     assert concept_probabilities(p, 1.0) == pytest.approx(np.array([[0.8, 0.2], [0.5, 0.5], [0.1, 0.9]]))
     got = soft_wpmi(p, acts, params)
     # log p(t|D) = sum_j log(1 + m_j (p(t|x_j) - 1)), m = (0.9, 0.8)
@@ -65,9 +65,9 @@ def test_soft_wpmi_golden():
     assert got[1, 1] == pytest.approx(math.log(0.546 / 0.357))
     assert got.argmax(axis=1).tolist() == [0, 1]
     # lambda scales the prior; eps floors each image's factor
-    half = soft_wpmi(p, acts, SoftWPMIParams(top_k=2, a=1.0, lam=0.5, p_start=0.9, p_end=0.7, eps=0.0))
+    half = soft_wpmi(p, acts, ClipDissectConfig(top_k=2, a=1.0, lam=0.5, p_start=0.9, p_end=0.7, eps=0.0))
     assert half[0, 0] == pytest.approx(math.log(0.492) - 0.5 * math.log(0.303))
-    floored = soft_wpmi(p, acts, SoftWPMIParams(top_k=2, a=1.0, lam=0.0, p_start=0.9, p_end=0.7, eps=0.01))
+    floored = soft_wpmi(p, acts, ClipDissectConfig(top_k=2, a=1.0, lam=0.0, p_start=0.9, p_end=0.7, eps=0.01))
     assert floored[0, 0] == pytest.approx(math.log(0.83) + math.log(0.61))
 
 
@@ -100,6 +100,7 @@ def probe(tmp_path_factory) -> Path:
 def _cfg(probe: Path, out: Path, **extra) -> BuildConfig:
     data = {
         "out": str(out),
+        "labeler": "clip-dissect",
         "chunk_size": 5,
         "models": [{"name": "planted", "target": "planted", "probe": str(probe), "layers": ["detectors"]}],
     }
@@ -110,7 +111,7 @@ def _cfg(probe: Path, out: Path, **extra) -> BuildConfig:
 @pytest.fixture(scope="module")
 def planted_atlas(probe, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cd") / "atlas"
-    summary = build_clip_dissect(_cfg(probe, out))
+    summary = build(_cfg(probe, out))
     assert summary.models[0].ok == 18
     return out
 
@@ -161,7 +162,7 @@ def _neuron_rows(atlas: Path) -> list[tuple]:
 def test_resume_skips_written_neurons(probe, planted_atlas, tmp_path):
     out = tmp_path / "atlas"
     cfg = _cfg(probe, out, cache_dir=str(tmp_path / "cache"))
-    first = build_clip_dissect(cfg)
+    first = build(cfg)
     assert first.models[0].ok == 18
     # what a build killed after 15 neurons leaves: the others were never written
     with duckdb.connect(str(out / "atlas.duckdb")) as con:
@@ -170,12 +171,22 @@ def test_resume_skips_written_neurons(probe, planted_atlas, tmp_path):
         con.execute("DELETE FROM candidates WHERE unit >= 15")
         con.execute("DELETE FROM evidence WHERE unit >= 15")
         con.execute("DELETE FROM neurons WHERE unit >= 15")
-    again = build_clip_dissect(cfg)
+    again = build(cfg)
     assert again.models[0].neurons == 3 and again.models[0].ok == 3  # only the missing ones
     assert _neuron_rows(out) == _neuron_rows(planted_atlas)
-    assert build_clip_dissect(cfg).models[0].neurons == 0
-    with pytest.raises(BuildError, match="concept set"):
-        build_clip_dissect(cfg, concepts_file=_write(tmp_path / "c.txt", "red\nblue\n"))
+    assert build(cfg).models[0].neurons == 0
+    with pytest.raises(BuildError, match=r"other settings \(clip_dissect\)"):
+        build(dataclasses.replace(cfg, clip_dissect=dataclasses.replace(
+            cfg.clip_dissect, concepts=str(_write(tmp_path / "c.txt", "red\nblue\n")))))
+
+
+def test_resume_refuses_a_concept_file_whose_content_changed(probe, tmp_path):
+    own = _write(tmp_path / "concepts.txt", "red\ngreen\nblue\nstriped\n")
+    cfg = _cfg(probe, tmp_path / "atlas", clip_dissect={"concepts": str(own)})
+    assert build(cfg).models[0].ok == 18
+    _write(own, "red\ngreen\n")
+    with pytest.raises(BuildError, match="another concept set"):
+        build(cfg)
 
 
 def _write(path: Path, text: str) -> Path:
@@ -190,18 +201,18 @@ def test_no_joint_space_is_a_clear_error(tmp_path):
 
     Image.new("RGB", (8, 8), (200, 0, 0)).save(bare / "a.png")
     with pytest.raises(BuildError, match="dissect.similarity = \"clip\""):
-        build_clip_dissect(_cfg(bare, tmp_path / "atlas"))
+        build(_cfg(bare, tmp_path / "atlas"))
 
 
 def test_tiny_clip_runs_the_real_clip_path(probe, tmp_path):
-    from tests.tiny_models import make_tiny_clip
+    from testkit.tiny_models import make_tiny_clip
 
     clip_dir = make_tiny_clip(tmp_path / "clip")
     own = _write(tmp_path / "concepts.txt", "red\ngreen\nblue\nstriped\ndotted\ncircle\nsquare\nsky\ngrass\n")
     out = tmp_path / "atlas"
     cfg = _cfg(probe, out, dissect={"similarity": "clip", "similarity_options": {"model": str(clip_dir)}},
                device="cpu")
-    summary = build_clip_dissect(cfg, concepts_file=own)
+    summary = build(dataclasses.replace(cfg, clip_dissect=dataclasses.replace(cfg.clip_dissect, concepts=str(own))))
     assert summary.models[0].ok == 18
     with Atlas.open(out) as atlas:
         rec = atlas.neuron("planted", "detectors", 3)

@@ -26,7 +26,7 @@ WORDS = (
 )
 
 
-def _write_wordpiece_vocab(folder: Path) -> Path:
+def write_wordpiece_vocab(folder: Path) -> Path:
     """A BERT WordPiece vocab: specials, letters (so any word tokenizes), WORDS."""
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
@@ -69,7 +69,7 @@ def _write_bpe_files(folder: Path) -> tuple[Path, Path]:
     return vpath, mpath
 
 
-def _clip_tokenizer(folder: Path, max_length: int = 16):
+def clip_tokenizer(folder: Path, max_length: int = 16):
     from transformers import CLIPTokenizer
 
     vpath, mpath = _write_bpe_files(folder)
@@ -94,7 +94,7 @@ def make_tiny_blip(folder: str | Path, image_size: int = 64, seed: int = 0) -> P
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as vocab_dir:
-        tok = BertTokenizer(vocab=str(_write_wordpiece_vocab(Path(vocab_dir))), do_lower_case=True)
+        tok = BertTokenizer(vocab=str(write_wordpiece_vocab(Path(vocab_dir))), do_lower_case=True)
     # BLIP's text decoder starts every caption with [DEC]
     tok.add_special_tokens({"bos_token": "[DEC]"})
     processor = BlipProcessor(
@@ -132,7 +132,7 @@ def make_tiny_clip(folder: str | Path, image_size: int = 32, seed: int = 0) -> P
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as vocab_dir:
-        tok = _clip_tokenizer(Path(vocab_dir), max_length=16)
+        tok = clip_tokenizer(Path(vocab_dir), max_length=16)
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
@@ -173,7 +173,7 @@ def make_tiny_sd(folder: str | Path, sample_size: int = 16, seed: int = 0) -> Pa
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as vocab_dir:
-        tok = _clip_tokenizer(Path(vocab_dir), max_length=16)
+        tok = clip_tokenizer(Path(vocab_dir), max_length=16)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=1, sample_size=sample_size,
@@ -219,7 +219,7 @@ def make_tiny_blip2(folder: str | Path, image_size: int = 32, seed: int = 0) -> 
     folder.mkdir(parents=True, exist_ok=True)
     num_query_tokens = 4
     with tempfile.TemporaryDirectory() as vocab_dir:
-        tok = _clip_tokenizer(Path(vocab_dir), max_length=32)
+        tok = clip_tokenizer(Path(vocab_dir), max_length=32)
     # the processor adds "<image>" to the tokenizer: build it first, then size the vocab
     processor = Blip2Processor(
         BlipImageProcessor(size={"height": image_size, "width": image_size}), tok,

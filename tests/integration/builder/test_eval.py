@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 
 from builder.commands.eval import add_eval_arguments, run_eval
-from query.evaluations import read_evaluations
 from builder.synthetic.planted import PLANTED_CONCEPTS
 from builder.synthetic.probe import write_probe_set
 from builder.synthetic.world import COLORS, render, sample_scene
 from query.errors import AtlasError
-from tests.tiny_models import make_tiny_clip
+from query.evaluations import read_evaluations
+from testkit.tiny_models import make_tiny_clip
 
 SYNTHETIC_KEYS = {
     "final_layer": {"units", "match_rate", "exact_rate", "minilm_cos", "mpnet_cos"},
@@ -33,8 +33,8 @@ COLOR_UNITS = [PLANTED_CONCEPTS.index((c,)) for c in COLORS]
 def built(tmp_path_factory) -> Path:
     """A pristine atlas (planted detectors + demo-cnn fc, 150 probe images);
     tests copy it when they write."""
-    from builder.pipeline.run import build
     from builder.config import BuildConfig
+    from builder.pipeline.run import build
 
     root = tmp_path_factory.mktemp("eval")
     probe = write_probe_set(root / "probe", n=150, seed=3, progress=False)

@@ -94,11 +94,15 @@ def built(tmp_path_factory, request):
 
 @pytest.fixture(scope="module")
 def make_atlas(tmp_path_factory, minilm):
-    """conftest's factory at module scope, so the two sites are built once per module."""
-    path = Path(__file__).resolve().parents[1] / "conftest.py"
-    conftest = next(m for m in list(sys.modules.values())
-                    if getattr(m, "__file__", None) and Path(m.__file__).resolve() == path)
-    return conftest.make_atlas.__wrapped__(tmp_path_factory.mktemp("atlases"), minilm)
+    """The atlas factory at module scope, so the two sites are built once per module."""
+    from testkit.atlases import write_atlas
+
+    root = tmp_path_factory.mktemp("atlases")
+
+    def make(neurons, sql=(), meta=None, index=True, name="atlas"):
+        return write_atlas(root / name, minilm, neurons, sql, meta, index)
+
+    return make
 
 
 def test_pages_exist(built):

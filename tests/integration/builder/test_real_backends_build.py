@@ -8,20 +8,15 @@ loaded through the same from_pretrained(path) code as hub ids."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import duckdb
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from openai_server import Reply, ScriptedServer  # noqa: E402
-from tiny_models import make_tiny_blip, make_tiny_clip, make_tiny_sd  # noqa: E402
-
-from builder.pipeline.run import build  # noqa: E402
-from builder.config import BuildConfig  # noqa: E402
-from builder.synthetic.probe import write_probe_set  # noqa: E402
+from builder.config import BuildConfig
+from builder.pipeline.run import build
+from builder.synthetic.probe import write_probe_set
+from testkit.openai_server import Reply, ScriptedServer
+from testkit.tiny_models import make_tiny_blip, make_tiny_clip, make_tiny_sd
 
 CONCEPTS = ["red", "blue circle", "striped", "grass", "star"]
 

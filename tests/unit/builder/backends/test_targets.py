@@ -6,8 +6,8 @@ import types
 import pytest
 import torch
 
-from builder.errors import BackendError, LayerError
 from builder.backends.targets import load_target
+from builder.errors import BackendError, LayerError
 
 CPU = torch.device("cpu")
 

@@ -15,11 +15,9 @@ import duckdb
 import pytest
 import tomli_w
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from atlas_tables import tables  # noqa: E402
-
 from builder.synthetic.probe import write_probe_set
 from query import Atlas
+from testkit.atlas_tables import tables
 
 N_PROBE = 160
 

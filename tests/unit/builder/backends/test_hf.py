@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +18,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DND_ATLAS_PROGRESS", "0")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import tiny_models
-
 import builder.backends.builtin  # noqa: F401  (registers the lazy backends)
 from builder.backends.interfaces import CaptionItem
-from builder.errors import BackendError
 from builder.backends.registry import captioners, generators, similarities
+from builder.errors import BackendError
+from testkit import tiny_models
 
 PROMPTS = ["a red dog", "a striped cat on grass", "a blue car"]
 
@@ -303,8 +300,8 @@ def test_build_with_blip_diffusers_and_clip(tmp_path, tiny_blip, tiny_sd, tiny_c
     records them in the atlas meta (about 5 s on one thread)."""
     import duckdb
 
-    from builder.pipeline.run import build
     from builder.config import BuildConfig
+    from builder.pipeline.run import build
     from builder.synthetic.probe import write_probe_set
 
     probe = write_probe_set(tmp_path / "probe", n=24, seed=3, progress=False)

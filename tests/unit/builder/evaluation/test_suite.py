@@ -12,14 +12,15 @@ import duckdb
 import numpy as np
 import pytest
 
-from builder import eval_final_layer
 from builder.commands.eval import _output, compare_table
 from builder.errors import BuildError
+from builder.evaluation import final_layer as eval_final_layer
 from builder.evaluation.cosy import control_pool
 from builder.evaluation.final_layer import evaluate_final_layer, find_targets, read_class_names
-from builder.evaluation.view import AtlasView, LayerRow
-from query.evaluations import EvalRow, read_evaluations, write_evaluations
 from builder.evaluation.suite import compare_metrics, flatten_metrics
+from builder.evaluation.view import AtlasView, LayerRow
+from query.errors import AtlasNotFound
+from query.evaluations import EvalRow, read_evaluations, write_evaluations
 from query.schema import DB_FILE, FORMAT_VERSION, MIGRATIONS
 
 
@@ -62,7 +63,7 @@ def test_details_are_strict_json_and_duplicates_refused(tmp_path):
 
 
 def test_write_refuses_a_missing_atlas(tmp_path):
-    with pytest.raises(BuildError, match="no atlas"):
+    with pytest.raises(AtlasNotFound, match="no atlas"):
         write_evaluations(tmp_path / "none", "cosy", [])
     assert not (tmp_path / "none").exists()
 
