@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,6 +155,31 @@ class TopK:
         return sum(t.numel() * t.element_size() for t in (self.vals, self.idx, self.max, self.min))
 
 
+def probe_pass(
+    target: Target, probe: ProbeSet, layers: Sequence[str], batch_size: int = 64, num_workers: int = 0,
+    desc: str = "record",
+) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor] | None, int]]:
+    """One pass over the probe set with hooks on ``layers`` (removed at the
+    end, whatever happens): per batch, the probe indices, every layer's
+    output (None for a batch with no readable image) and the files skipped."""
+    target.check_layers(layers)
+    loader = probe_loader(target, probe, batch_size, num_workers)
+    current: dict[str, torch.Tensor] = {}
+    with hooked(target.module, layers, current.__setitem__), torch.inference_mode():
+        bar = progress(total=len(probe), desc=f"{desc} {target.name}", unit="img")
+        try:
+            for indices, batch, n_skipped in loader:
+                bar.update(len(indices) + n_skipped)
+                if batch is None:
+                    yield indices, None, n_skipped
+                    continue
+                current.clear()
+                target.module(batch.to(target.device, target.dtype))
+                yield indices, dict(current), n_skipped
+        finally:
+            bar.close()
+
+
 def record_topk(
     target: Target,
     probe: ProbeSet,
@@ -166,39 +191,22 @@ def record_topk(
     num_workers: int = 0,
 ) -> tuple[dict[str, LayerRecord], RecordStats]:
     """One pass over ``probe`` recording every layer in ``layers``."""
-    target.check_layers(layers)
-    loader = probe_loader(target, probe, batch_size, num_workers)
     state = {name: TopK(top_m) for name in layers}
     kinds: dict[str, str] = {}
     has_maps: dict[str, bool] = {}
-    current: dict[str, torch.Tensor] = {}
-    seen = skipped = 0
-    peak = 0
+    seen = skipped = peak = 0
     t0 = time.perf_counter()
-
-    def sink(name: str, out: torch.Tensor) -> None:
-        current[name] = out
-
-    with hooked(target.module, layers, sink), torch.inference_mode():
-        bar = progress(total=len(probe), desc=f"record {target.name}", unit="img")
-        try:
-            for indices, batch, n_skipped in loader:
-                skipped += n_skipped
-                bar.update(len(indices) + n_skipped)
-                if batch is None:
-                    continue
-                current.clear()
-                target.module(batch.to(target.device, target.dtype))
-                for name in layers:
-                    out = current[name]
-                    if name not in kinds:
-                        kinds[name] = layer_kind(out)
-                        has_maps[name] = activation_maps(out[:1]) is not None
-                    state[name].update(summarize(out, summary, vit_tokens), indices)
-                seen += len(indices)
-                peak = max(peak, sum(s.nbytes() for s in state.values()))
-        finally:
-            bar.close()
+    for indices, outs, n_skipped in probe_pass(target, probe, layers, batch_size, num_workers):
+        skipped += n_skipped
+        if outs is None:
+            continue
+        for name in layers:
+            if name not in kinds:
+                kinds[name] = layer_kind(outs[name])
+                has_maps[name] = activation_maps(outs[name][:1]) is not None
+            state[name].update(summarize(outs[name], summary, vit_tokens), indices)
+        seen += len(indices)
+        peak = max(peak, sum(s.nbytes() for s in state.values()))
     if seen == 0:
         raise BuildError(f"no readable image in the probe folder {probe.root} ({skipped} skipped)")
     result = {}
@@ -262,45 +270,25 @@ def record_all(
     info_path = path.with_suffix(".json")
     if path.is_file() and info_path.is_file():
         info = json.loads(info_path.read_text())
-        acts = np.load(path, mmap_mode="r")
-        return (
-            acts,
-            {k: (v[0], int(v[1])) for k, v in info["layers"].items()},
-            np.array(info["valid"], bool),
-        )
-    target.check_layers(layers)
+        return (np.load(path, mmap_mode="r"), {k: (v[0], int(v[1])) for k, v in info["layers"].items()},
+                np.array(info["valid"], bool))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
-    loader = probe_loader(target, probe, batch_size, num_workers)
     valid = np.zeros(len(probe), dtype=bool)
     kinds: dict[str, tuple[str, int]] = {}
-    current: dict[str, torch.Tensor] = {}
     out: np.ndarray | None = None
-    bar = progress(total=len(probe), desc=f"record all {target.name}", unit="img")
-    try:
-        with hooked(target.module, layers, current.__setitem__), torch.inference_mode():
-            for indices, batch, n_skipped in loader:
-                bar.update(len(indices) + n_skipped)
-                if batch is None:
-                    continue
-                current.clear()
-                target.module(batch.to(target.device, target.dtype))
-                cols = []
-                for name in layers:
-                    s = summarize(current[name], summary, vit_tokens).float().cpu().numpy()
-                    kinds.setdefault(name, (layer_kind(current[name]), s.shape[1]))
-                    cols.append(s)
-                flat = np.concatenate(cols, axis=1)
-                if out is None:
-                    out = np.lib.format.open_memmap(
-                        tmp, mode="w+", dtype=np.float32, shape=(len(probe), flat.shape[1])
-                    )
-                    out[:] = 0.0
-                ix = indices.numpy()
-                out[ix] = flat
-                valid[ix] = True
-    finally:
-        bar.close()
+    for indices, outs, _ in probe_pass(target, probe, layers, batch_size, num_workers, "record all"):
+        if outs is None:
+            continue
+        cols = [summarize(outs[name], summary, vit_tokens).float().cpu().numpy() for name in layers]
+        for name, c in zip(layers, cols):
+            kinds.setdefault(name, (layer_kind(outs[name]), c.shape[1]))
+        flat = np.concatenate(cols, axis=1)
+        if out is None:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(probe), flat.shape[1]))
+            out[:] = 0.0
+        out[indices.numpy()] = flat
+        valid[indices.numpy()] = True
     if out is None:
         tmp.unlink(missing_ok=True)
         raise BuildError(f"no readable image in the probe folder {probe.root}")
@@ -308,8 +296,6 @@ def record_all(
     del out
     os.replace(tmp, path)
     info_tmp = info_path.with_name(f".{info_path.name}.{os.getpid()}.tmp")
-    info_tmp.write_text(
-        json.dumps({"layers": {k: list(v) for k, v in kinds.items()}, "valid": valid.tolist()})
-    )
+    info_tmp.write_text(json.dumps({"layers": {k: list(v) for k, v in kinds.items()}, "valid": valid.tolist()}))
     os.replace(info_tmp, info_path)
     return np.load(path, mmap_mode="r"), kinds, valid

@@ -155,6 +155,18 @@ def test_merged_shards_equal_a_single_build(reference, shards, merged):
         assert atlas.summary()["index"]["current"]
 
 
+def test_clip_dissect_shards_merge_to_a_single_build(probe, tmp_path):
+    """The baseline labeler shards like DnD: the same run loop picks the neurons."""
+    single = tmp_path / "single"
+    build(config(probe, single, models=(PLANTED,), labeler="clip-dissect"))
+    parts = [tmp_path / f"s{i}" for i in range(2)]
+    for i, out in enumerate(parts):
+        summary = build(config(probe, out, models=(PLANTED,), labeler="clip-dissect", shard=f"{i}/2"))
+        assert summary.models[0].neurons == 9
+    merge_atlases(tmp_path / "merged", parts)
+    assert tables(tmp_path / "merged") == tables(single)
+
+
 def test_merge_cli_and_its_refusals(shards, merged, tmp_path, capsys, with_merge_command):
     rc, out, err = cli(capsys, "merge", str(tmp_path / "again"), *map(str, shards))
     assert rc == 0, err
