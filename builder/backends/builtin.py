@@ -13,6 +13,8 @@ BUILTIN_BACKENDS: dict[str, dict[str, str]] = {
     "target": {
         "demo-cnn": "builder.synthetic.demo_cnn:demo_cnn",
         "planted": "builder.synthetic.planted:planted_model",
+        "planted-marks": "builder.synthetic.planted_marks:planted_marks_model",
+        "marks-cnn": "builder.synthetic.marks_cnn:marks_cnn",
     },
     "captioner": {
         "oracle": "builder.synthetic.oracle:OracleCaptioner",

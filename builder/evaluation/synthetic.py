@@ -2,10 +2,12 @@
 
 Targets that know what their units mean expose ``ground_truth`` (role
 ``output``: an output unit and its class concept; role ``planted``: a unit
-built to detect one or two concepts); the builder stores it in the atlas
-meta. A label *names* a concept when the synthetic vocabulary terms it uses
-(``concept_terms``) include the concept and no other concept of the same
-kind ("striped circle" names circle; "circle and square" does not).
+built to detect one or two concepts; ``world``: the synthetic world whose
+vocabulary the concepts belong to, ``shapes`` when absent); the builder
+stores it in the atlas meta. A label *names* a concept when the world's
+vocabulary terms it uses (``concept_terms``) include the concept and no other
+concept of the same kind ("striped circle" names circle; "circle and square"
+does not).
 """
 
 from __future__ import annotations
@@ -18,18 +20,20 @@ from typing import Any
 import numpy as np
 
 from builder.errors import BuildError
-from builder.synthetic.world import concept_kind, concept_terms
+from builder.synthetic.worlds import World, get_world
 
 log = logging.getLogger(__name__)
 
 
-def names_concept(label: str, concept: str) -> bool:
-    """True when ``label`` names ``concept`` and no rival of the same kind."""
-    terms = concept_terms(label)
+def names_concept(label: str, concept: str, world: World | None = None) -> bool:
+    """True when ``label`` names ``concept`` and no rival of the same kind,
+    in the vocabulary of ``world`` (default: the shapes world)."""
+    w = world or get_world()
+    terms = w.concept_terms(label)
     if concept not in terms:
         return False
-    kind = concept_kind(concept)
-    return all(t == concept or concept_kind(t) != kind for t in terms)
+    kind = w.concept_kind(concept)
+    return all(t == concept or w.concept_kind(t) != kind for t in terms)
 
 
 def _mean_cos(embedder_name: str, a: Sequence[str], b: Sequence[str]) -> float:
@@ -67,6 +71,8 @@ def evaluate_synthetic(atlas_dir: str | Path, mpnet: bool = True) -> dict[str, A
                 if (model, layer) not in built:
                     continue
                 labels = labels_by_unit(atlas, model, layer)
+                world = get_world(info.get("world"))
+                concept_terms = world.concept_terms
                 for unit, concepts in enumerate(info["concepts"]):
                     labs = labels.get(unit, [])
                     first = labs[0] if labs else ""
@@ -74,11 +80,11 @@ def evaluate_synthetic(atlas_dir: str | Path, mpnet: bool = True) -> dict[str, A
                         concept = concepts[0]
                         final_labels.append(first)
                         final_names.append(concept)
-                        final_match.append(names_concept(first, concept))
+                        final_match.append(names_concept(first, concept, world))
                         final_exact.append(concept_terms(first) == {concept})
                         ok = final_match[-1]
                     elif len(concepts) == 1:
-                        ok = names_concept(first, concepts[0])
+                        ok = names_concept(first, concepts[0], world)
                         single.append(ok)
                     else:
                         terms = set().union(*(concept_terms(lab) for lab in labs)) if labs else set()

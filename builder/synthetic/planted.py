@@ -88,13 +88,20 @@ class ExactDetectors(nn.Module):
         self.register_buffer("table", torch.from_numpy(table), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = torch.round(x.clamp(0, 1) * 255).to(torch.int64)
-        code = (q[:, 0] << 16) | (q[:, 1] << 8) | q[:, 2]  # (B, H, W)
-        idx = torch.searchsorted(self.codes, code).clamp(max=len(self.codes) - 1)
-        found = self.codes[idx] == code
-        idx = torch.where(found, idx, torch.full_like(idx, len(self.codes)))
-        out = self.table[:, idx]  # (U, B, H, W)
-        return out.permute(1, 0, 2, 3).contiguous().to(x.dtype)
+        return lookup_codes(x, self.codes, self.table)
+
+
+def lookup_codes(x: torch.Tensor, codes: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Per-pixel table lookup by exact RGB: (B, 3, H, W) in [0, 1] -> (B, U, H,
+    W) with ``table[:, j]`` where the pixel's code r<<16|g<<8|b is
+    ``codes[j]`` (sorted) and ``table[:, -1]`` elsewhere."""
+    q = torch.round(x.clamp(0, 1) * 255).to(torch.int64)
+    code = (q[:, 0] << 16) | (q[:, 1] << 8) | q[:, 2]  # (B, H, W)
+    idx = torch.searchsorted(codes, code).clamp(max=len(codes) - 1)
+    found = codes[idx] == code
+    idx = torch.where(found, idx, torch.full_like(idx, len(codes)))
+    out = table[:, idx]  # (U, B, H, W)
+    return out.permute(1, 0, 2, 3).contiguous().to(x.dtype)
 
 
 class SpatialMax(nn.Module):

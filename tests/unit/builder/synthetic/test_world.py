@@ -13,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-import builder.synthetic  # noqa: F401  (registers the backends)
 from builder.backends.interfaces import CaptionItem
 from builder.backends.registry import captioners, generators, targets
 from builder.errors import BackendError, BuildError
