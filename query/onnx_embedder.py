@@ -219,7 +219,7 @@ class OnnxEmbedder:
         m = self.manifest
         try:
             tok = Tokenizer.from_file(str(self.path / m.tokenizer_file))
-        except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
+        except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception on bad JSON
             raise EmbedderError(f"ONNX embedder {self.path}: cannot read {m.tokenizer_file}: {exc}") from None
         tok.enable_truncation(max_length=m.max_seq_length)
         tok.enable_padding(direction="right", pad_id=m.pad_id, pad_token=m.pad_token)
@@ -242,7 +242,7 @@ class OnnxEmbedder:
                 self._sessions[threads] = ort.InferenceSession(
                     str(self.path / self.manifest.model_file), so, providers=["CPUExecutionProvider"]
                 )
-            except Exception as exc:  # onnxruntime's own exception types are not public API
+            except Exception as exc:  # noqa: BLE001 - onnxruntime's exception types are not public API
                 raise EmbedderError(
                     f"ONNX embedder {self.path}: cannot load {self.manifest.model_file}: "
                     f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
