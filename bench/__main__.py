@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import cost, gpu_shapes, pipeline, recording, search, site, worlds
+from bench import cost, embedder, gpu_shapes, pipeline, recording, search, site, worlds
 
 BENCHES = {"recording": recording.run, "search": search.run, "pipeline": pipeline.run, "cost": cost.run,
-           "site": site.run, "gpu_shapes": gpu_shapes.run, "worlds": worlds.run}
+           "site": site.run, "gpu_shapes": gpu_shapes.run, "embedder": embedder.run, "worlds": worlds.run}
 
 
 def main(argv: list[str] | None = None) -> int:
