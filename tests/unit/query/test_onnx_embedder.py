@@ -19,10 +19,10 @@ import pytest
 
 from query import onnx_embedder as oe
 from query.errors import AtlasError, FormatVersionError
+from testkit.labels import QUERIES, make_labels
 
 ROOT = Path(__file__).resolve().parents[3]
 
-from testkit.labels import QUERIES, make_labels
 
 LABELS = make_labels()
 
