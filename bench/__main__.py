@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import cost, gpu_shapes, pipeline, recording, search, site
+from bench import cost, dictionary, gpu_shapes, pipeline, recording, search, site
 
 BENCHES = {"recording": recording.run, "search": search.run, "pipeline": pipeline.run, "cost": cost.run,
-           "site": site.run, "gpu_shapes": gpu_shapes.run}
+           "site": site.run, "gpu_shapes": gpu_shapes.run, "dictionary": dictionary.run}
 
 
 def main(argv: list[str] | None = None) -> int:
