@@ -51,6 +51,11 @@ class ModelConfig:
             raise ConfigError(f"model {self.name!r}: vit_tokens must be 'cls' or 'patches'")
         if any(not isinstance(u, int) or u < 0 for u in self.units):
             raise ConfigError(f"model {self.name!r}: units must be non-negative unit indices")
+        if "dictionaries" in self.target_options:  # SAEs whose latents are layers (builder/sae.py)
+            from builder.backends.sae import parse_dictionary_specs
+
+            parse_dictionary_specs(self.target_options["dictionaries"],
+                                   f"model {self.name!r}: target_options.dictionaries")
 
 
 @dataclass(frozen=True)

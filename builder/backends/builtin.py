@@ -15,6 +15,7 @@ BUILTIN_BACKENDS: dict[str, dict[str, str]] = {
         "planted": "builder.synthetic.planted:planted_model",
         "planted-marks": "builder.synthetic.planted_marks:planted_marks_model",
         "marks-cnn": "builder.synthetic.marks_cnn:marks_cnn",
+        "planted-mixed": "builder.synthetic.planted_dictionary:planted_mixed_model",
     },
     "captioner": {
         "oracle": "builder.synthetic.oracle:OracleCaptioner",

@@ -106,12 +106,19 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def load_target(
     name: str, spec: str, options: dict[str, Any], device: torch.device, dtype: torch.dtype = torch.float32
 ) -> Target:
-    """Load the target model ``spec`` with ``options`` onto ``device``."""
+    """Load the target model ``spec`` with ``options`` onto ``device``.
+    ``options["dictionaries"]`` attaches sparse autoencoders to layers
+    (see :mod:`builder.backends.sae`); ``options["input_size"]`` fixes the crop size."""
     options = dict(options)
     input_size_opt = options.pop("input_size", None)
+    dictionaries = options.pop("dictionaries", None)
     module, preprocess = _load(spec, options)
     if not isinstance(module, torch.nn.Module):
         raise BackendError(f"target {spec!r} did not give a torch.nn.Module")
+    if dictionaries:  # SAEs on some layers: their latents become layers "sae.NAME" (builder/sae.py)
+        from builder.backends.sae import attach_dictionaries
+
+        attach_dictionaries(module, dictionaries)
     module = module.eval().to(device=device, dtype=dtype)
     if preprocess is None:
         size = int(input_size_opt or 224)

@@ -31,7 +31,8 @@ class LayerPlan:
 
 
 def _meta_module(spec: str, options: dict[str, Any]) -> torch.nn.Module | None:
-    opts = {k: v for k, v in options.items() if k not in ("weights", "weights_path", "pretrained", "input_size")}
+    opts = {k: v for k, v in options.items()
+            if k not in ("weights", "weights_path", "pretrained", "input_size", "dictionaries")}
     if spec.startswith("torchvision:") or is_torchvision_name(spec):
         import torchvision
 
@@ -48,6 +49,10 @@ def _meta_module(spec: str, options: dict[str, Any]) -> torch.nn.Module | None:
 def layer_plans(m: ModelConfig) -> list[LayerPlan]:
     """Kind and neuron count of each selected layer of ``m``."""
     module = _meta_module(m.target, m.target_options)
+    if module is not None and m.target_options.get("dictionaries"):  # SAE latents as layers, on meta too
+        from builder.backends.sae import attach_dictionaries
+
+        attach_dictionaries(module, m.target_options["dictionaries"])
     if module is not None:
         size = int(m.target_options.get("input_size", 224))
         x = torch.empty(1, 3, size, size, device="meta")
