@@ -94,7 +94,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
         from atlas_site.build import SITE_DIR, build_site
 
-        site = build_site(f"{args.out}/atlas", args.out, site_name="dnd-atlas demo")
+        # The demo folder also holds the atlas and probe set: only project/ and site/ are the site's.
+        site = build_site(f"{args.out}/atlas", args.out, site_name="dnd-atlas demo", shared=True)
         print(f"\nthe demo site is in {site.parent / SITE_DIR}; open it with:\n"
               f"  python -m http.server -d {shlex.quote(str(site.parent / SITE_DIR))}  (then http://127.0.0.1:8000/)")
     return rc

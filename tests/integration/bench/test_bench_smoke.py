@@ -20,3 +20,15 @@ def test_gpu_shapes_says_when_there_is_no_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     assert "no CUDA device" in run()["gpu_shapes"]
+
+
+def test_site_bench_smoke_has_photographic_thumbnails():
+    from bench.site import run_one
+    from bench.site_atlas import BenchAtlas
+
+    out = run_one("tiny", BenchAtlas(n_layers=2, units=300, n_probe=200, n_concepts=40,
+                                     photo=True, dim=16))
+    assert out["site_pages_tiny"] == "7"   # home, model, 2 layers, neuron, search, 404
+    assert 3.0 <= float(out["site_image_kb_mean_tiny"]) <= 6.0   # the weight of real photos
+    assert int(out["site_images_tiny"]) <= 200 + 40 * 3          # each image once
+    assert float(out["site_build_s_tiny"]) > 0
