@@ -167,9 +167,10 @@ def generate_project(atlas: Atlas, writer: ProjectWriter,
         bar.update(len(records))
     bar.close()
     del similar
+    fidelity = atlas.layer_fidelity()
     for li in layers:
         writer.text(_docs(f"{render.layer_page(li.model, li.layer)}.md"),
-                    render.render_layer(li, charts))
+                    render.render_layer(li, charts, fidelity.get((li.model, li.layer))))
     for m in names:
         own = [li for li in layers if li.model == m]
         writer.text(_docs(f"{render.model_page(m)}.md"),
