@@ -82,7 +82,9 @@ def test_build_writes_a_complete_atlas(reference):
             assert (reference / e.thumbnail).is_file()
             assert e.caption
         assert any(e.box is not None for e in rec.evidence), "crops should reach the top-K of a color unit"
-        assert set(rec.calls) == {"captioner_images", "summarizer_requests", "generated_images", "target_forward_images"}
+        # the fidelity sample's captions are charged to the first neuron written, which may be this one
+        assert set(rec.calls) - {"fidelity_captioner_images"} == {
+            "captioner_images", "summarizer_requests", "generated_images", "target_forward_images"}
         # unit 0 detects red: its label names red
         assert "red" in rec.labels[0].text
         hits = atlas.search("red", k=3, model="planted")
