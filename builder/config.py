@@ -219,6 +219,7 @@ class BuildConfig:
     models: tuple[ModelConfig, ...] = ()
     labeler: str = "dnd"  # dnd | clip-dissect (the baseline)
     embedder: str = "minilm"
+    embedder_quantize: str = ""  # the ONNX embedder the atlas carries: "" (fp32) | dynamic | weights (int8)
     device: str = "auto"
     dtype: str = "auto"  # target model precision: auto (float32) | float32 | float16 | bfloat16
     cache_dir: str = ""  # "" = <out>/cache
@@ -247,6 +248,8 @@ class BuildConfig:
         _positive(self, "chunk_size")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ConfigError("dtype must be auto, float32, float16 or bfloat16")
+        if self.embedder_quantize not in ("", "dynamic", "weights"):
+            raise ConfigError(f"embedder_quantize must be '', 'dynamic' or 'weights', got {self.embedder_quantize!r}")
 
     # -- (de)serialization -------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -314,7 +317,8 @@ class BuildConfig:
         but where the output and caches live): used to refuse resuming or
         merging with a different config."""
         d = self.to_dict()
-        for key in ("out", "cache_dir", "device", "chunk_size", "shard"):
+        # embedder_quantize: only the copy of the embedder that searches the atlas, not its labels
+        for key in ("out", "cache_dir", "device", "chunk_size", "shard", "embedder_quantize"):
             d.pop(key, None)
         d["record"].pop("num_workers", None)
         d["record"].pop("batch_size", None)

@@ -125,6 +125,7 @@ class Atlas:
         self._meta: dict[str, Any] | None = None
         self._index: Any = None
         self._index_checked = False
+        self._embedder: Any = None
 
     # -- opening -----------------------------------------------------------------
 
@@ -378,13 +379,30 @@ class Atlas:
 
         return self._rank(nearest, total, k, model, layer, min_fidelity)
 
-    def _embed_query(self, text: str) -> np.ndarray:
-        from query.embedder import get_embedder
+    @property
+    def embedder(self) -> Any:
+        """The query embedder of :meth:`search`, loaded on first use.
 
-        name = self.meta.get("embedder")
-        if not name:
-            raise AtlasError("the atlas meta has no 'embedder'; rebuild the atlas")
-        return get_embedder(str(name)).embed([text])[0]
+        The atlas's own ONNX embedder when it carries one (onnxruntime, no
+        torch), else the sentence-transformers model its meta names
+        (:func:`query.onnx_embedder.query_embedder`). Assign any object with
+        ``embed(texts)`` and ``dim`` to search through another one.
+        """
+        if self._embedder is None:
+            from query.onnx_embedder import query_embedder
+
+            name = self.meta.get("embedder")
+            if not name:
+                raise AtlasError("the atlas meta has no 'embedder'; rebuild the atlas")
+            self._embedder = query_embedder(self.path, str(name))
+        return self._embedder
+
+    @embedder.setter
+    def embedder(self, value: Any) -> None:
+        self._embedder = value
+
+    def _embed_query(self, text: str) -> np.ndarray:
+        return self.embedder.embed([text])[0]
 
     def _search_index(self) -> Any:
         """The FAISS index when it is present and current, else ``None`` (logged once)."""

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from builder.atlas_embedder import carried_embedder_meta
 from builder.backends.targets import load_target, resolve_device, resolve_dtype, target_fingerprint
 from builder.cache import ContentCache
 from builder.config import BuildConfig, ModelConfig
@@ -62,6 +63,7 @@ def build(cfg: BuildConfig, cache_enabled: bool = True, labeler: Labeler | None 
         try:
             extra = labeler.open(cache)
             writer.set_meta(**build_meta(cfg, writer.meta(), embedder), **extra)
+            writer.set_meta(**carried_embedder_meta(out, cfg.embedder, cfg.embedder_quantize))
             summaries = [_build_model(cfg, m, labeler, writer, cache, embedder) for m in cfg.models]
             log.info("FAISS index over %d labels written", build_index(out))
             writer.set_meta(ground_truth=writer.meta().get("ground_truth", {}))
