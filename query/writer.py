@@ -292,7 +292,7 @@ class AtlasWriter:
         except AtlasError as exc:
             if pending is None:
                 raise
-            log.warning("atlas checkpoint failed while stopping on an error: %s", exc)
+            log.info("atlas checkpoint failed while stopping on an error: %s", exc)
         finally:
             self.con.close()
 
