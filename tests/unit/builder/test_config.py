@@ -201,3 +201,23 @@ def test_an_override_sets_one_key_whatever_its_text_holds():
     with pytest.raises(ConfigError, match="'record.top_k'"):
         _set("record.top_k=3\n[crop]\nenabled = false")
     assert _set("record.top_k=3 # a comment").record.top_k == 3
+
+
+def test_the_fidelity_section_and_mains_new_keys_are_typed_too():
+    cfg = _set("fidelity.enabled=no", 'fidelity.seed="7"', "fidelity.positive_fraction=0.2", "crop.heatmaps=NO",
+               'crop.max_per_image="3"', "crop.min_fraction=0", "describe.fidelity_candidates=2",
+               "labels.selection=dissect", "labels.min_fidelity_gain='0.1'")
+    assert cfg.fidelity.enabled is False and cfg.fidelity.seed == 7 and cfg.fidelity.positive_fraction == 0.2
+    assert cfg.crop.heatmaps is False and cfg.crop.max_per_image == 3 and cfg.crop.min_fraction == 0.0
+    assert cfg.describe.fidelity_candidates == 2 and cfg.labels.selection == "dissect"
+    assert cfg.labels.min_fidelity_gain == 0.1 and type(cfg.crop.min_fraction) is float
+    for item, words in [('fidelity.seed="x"', "'fidelity.seed' = 'x': expected an integer"),
+                        ("fidelity.enabled=sometimes", "'fidelity.enabled' = 'sometimes': expected a boolean"),
+                        ("fidelity.shuffles=true", "'fidelity.shuffles' = True: expected an integer"),
+                        ("describe.fidelity_candidates=yes", "'describe.fidelity_candidates' = 'yes'"),
+                        ("labels.fidelity_tolerance=nan", "'labels.fidelity_tolerance' = nan"),
+                        ("crop.heatmaps=[]", "'crop.heatmaps' = []: expected a boolean"),
+                        ("fidelity=3", "'fidelity' = 3: expected a table"),
+                        ("fidelity.presence=['joint']", "'fidelity.presence'")]:
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            _set(item)
