@@ -20,6 +20,7 @@ from typing import Any
 import duckdb
 import numpy as np
 
+from query.dberrors import GuardedConnection, db_error
 from query.errors import AtlasError, AtlasNotFound, FormatVersionError, QueryError
 from query.index import load_index, read_label_vectors
 from query.records import (
@@ -148,9 +149,11 @@ class Atlas:
                 raise AtlasNotFound(f"no atlas at {path} (missing {db})")
             atlas_dir.mkdir(parents=True, exist_ok=True)
         try:
-            con = duckdb.connect(str(db), read_only=read_only)
+            raw = duckdb.connect(str(db), read_only=read_only)
         except duckdb.Error as exc:
-            raise AtlasError(f"cannot open {db}: {str(exc).splitlines()[0]}") from None
+            raise db_error(exc, db, "open") from None
+        # a truncated or damaged file fails on some later read: one line then too
+        con = GuardedConnection(raw, db, "read" if read_only else "write", hold_interrupts=not read_only)
         try:
             version = current_version(con)
             if version == 0 and not create:

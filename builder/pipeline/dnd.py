@@ -92,6 +92,7 @@ class DnDLabeler(Labeler):
             create_backend(generators, cfg.dissect.generator, cfg.dissect.generator_options, device=cfg.device)
             if cfg.dissect.enabled else None)
         self.template = prompt_template(cfg.dissect.prompt_template)
+        captioners.factory(cfg.describe.captioner)  # made per model later: a typo fails now, before any write
         describe = getattr(self.similarity, "describe", None)
         return {
             "similarity": describe() if describe else self.similarity.name,

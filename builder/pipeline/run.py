@@ -26,10 +26,11 @@ from builder.pipeline.clip_dissect import ClipDissectLabeler
 from builder.pipeline.dnd import DnDLabeler
 from builder.pipeline.fidelity import FidelitySample, choose_sample, layer_summary
 from builder.pipeline.labeler import Labeler, Recording
-from builder.pipeline.neurons import is_dead, todo_neurons
+from builder.pipeline.neurons import check_units, is_dead, todo_neurons
+from builder.pipeline.plan import unit_counts
 from builder.pipeline.records import BuildSummary, ModelRun, ModelSummary, NeuronKey
 from builder.pipeline.resume import build_meta, check_resume
-from builder.pipeline.write import with_label_vectors
+from builder.pipeline.write import remove_stale_temp_files, with_label_vectors
 from builder.probe import ProbeSet
 from builder.progress import progress
 from query.embedder import get_embedder
@@ -56,6 +57,8 @@ def build(cfg: BuildConfig, cache_enabled: bool = True, labeler: Labeler | None 
     out = Path(cfg.out)
     writer = AtlasWriter(out)
     try:
+        if n_stale := remove_stale_temp_files(writer.dir / "images"):  # left by a build killed mid-write
+            log.info("removed %d temp files of an earlier, killed build", n_stale)
         check_resume(writer, cfg)
         labeler.check_resume(writer.meta())
         embedder = get_embedder(cfg.embedder)
@@ -81,6 +84,8 @@ def load_model(cfg: BuildConfig, m: ModelConfig, cache: ContentCache, images_dir
     device = resolve_device(cfg.device)
     target = load_target(m.name, m.target, m.target_options, device, resolve_dtype(cfg.dtype, device))
     target.check_layers(m.layers)
+    if m.units:  # before recording: units that select nothing are a config error, not an empty build
+        check_units(m, unit_counts(target, m.layers))
     probe = ProbeSet.scan(m.probe)
     sample = (choose_sample(len(probe), cfg.fidelity.sample_size, cfg.fidelity.seed) if cfg.fidelity.enabled
               else np.zeros(0, np.int64))
