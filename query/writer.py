@@ -127,9 +127,11 @@ class AtlasWriter:
         return {(layer, int(unit)) for layer, unit in self.con.execute(sql, [model]).fetchall()}
 
     def failed_units(self, model: str) -> dict[tuple[str, int], str]:
-        """The reason of every neuron of ``model`` written as ``failed``, by (layer, unit)."""
+        """The reason of every neuron of ``model`` written as ``failed``, by
+        (layer, unit), in (layer, unit) order so a report listing them is stable."""
         rows = self.con.execute(
-            "SELECT layer, unit, reason FROM neurons WHERE model = ? AND status = 'failed'", [model]
+            "SELECT layer, unit, reason FROM neurons WHERE model = ? AND status = 'failed' ORDER BY layer, unit",
+            [model]
         ).fetchall()
         return {(layer, int(unit)): reason or "" for layer, unit, reason in rows}
 

@@ -160,6 +160,9 @@ class BuildSummary:
             if m.retried:
                 lines.append(f"    {m.retried} neurons failed in an earlier run and were retried: "
                              f"{m.retried - m.still_failed} now described, {m.still_failed} still failed")
+            if m.failed:
+                lines.append(f"    {m.failed} failed neurons keep their reason in the atlas "
+                             "(dnd-atlas neuron); run the same command again to retry them")
             for s, (c, h) in sorted(m.calls.items()):
                 lines.append(f"    {s:<22} {c / max(1, m.ok):8.2f} calls/neuron  ({h / max(1, m.ok):.2f} from cache)")
             for k, v in m.seconds.items():

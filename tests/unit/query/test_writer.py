@@ -38,3 +38,10 @@ def test_failed_neurons_are_not_done_and_keep_their_reason_until_replaced(tmp_pa
         ("m", 2, "ok", None),
         ("other", 2, "failed", "elsewhere"),
     ]
+
+
+def test_failed_units_come_in_layer_unit_order_whatever_the_write_order(tmp_path):
+    with AtlasWriter(tmp_path) as w:
+        for layer, unit in [("l2", 5), ("l1", 9), ("l2", 0), ("l1", 3)]:
+            w.write_neurons([NeuronResult("m", layer, unit, "failed", f"r{layer}{unit}", 1.0)])
+        assert list(w.failed_units("m")) == [("l1", 3), ("l1", 9), ("l2", 0), ("l2", 5)]
