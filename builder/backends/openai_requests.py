@@ -251,13 +251,18 @@ def _server_message(exc: Any) -> str:
 def _deepest_message(exc: BaseException) -> BaseException:
     """The innermost exception of ``exc``'s chain that has a message (HTTP
     libraries wrap ``ConnectionResetError: [Errno 104] ...`` in errors with
-    none); ``exc`` itself when none has."""
+    none); ``exc`` itself when none has. The chain follows ``__cause__``, and
+    ``__context__`` only where the wrapper suppressed it (``raise X from
+    None`` around the real error): an implicit context is an earlier, other
+    exception the failure happened while handling (a reset socket raised
+    while the event loop probe's "no running event loop" was being handled)
+    and says nothing about this failure."""
     best, seen, found = exc, exc, set()
     while seen is not None and id(seen) not in found:
         found.add(id(seen))
         if str(seen).strip():
             best = seen
-        seen = seen.__cause__ or seen.__context__
+        seen = seen.__cause__ or (seen.__context__ if seen.__suppress_context__ else None)
     return best
 
 

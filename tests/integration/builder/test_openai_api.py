@@ -250,8 +250,9 @@ def test_a_hanging_server_is_cut_at_the_deadline_and_not_retried_past_it(srv):
 
 
 def test_attempt_timeout_lets_a_hung_attempt_be_retried_within_the_deadline(srv):
+    # 0.4 s + a 0.5 s backoff + 0.4 s fit the 3 s deadline with room for a busy machine
     srv.script(Hang(5), Hang(5), Reply('["red circles"]'))
-    s = summarizer(srv, timeout=1.5, attempt_timeout=0.4, max_retries=1)
+    s = summarizer(srv, timeout=3.0, attempt_timeout=0.4, max_retries=1)
     t0 = time.perf_counter()
     (out,) = s.summarize_many([CAPTIONS], 5)
     elapsed = time.perf_counter() - t0
@@ -259,12 +260,12 @@ def test_attempt_timeout_lets_a_hung_attempt_be_retried_within_the_deadline(srv)
         "LLM request failed: no complete answer within 0.4 s, after 1 retry sent (max_retries = 1)"
     )
     assert len(srv.chat_requests) == 2
-    assert elapsed < 1.5 + SLACK_S
+    assert 0.8 <= elapsed < 3.0 + SLACK_S
     assert s.usage["requests"] == 2 and s.usage["retries"] == 1
 
     srv.reset()
     srv.script(Hang(5), Reply('["red circles"]'))
-    assert summarizer(srv, timeout=1.5, attempt_timeout=0.4).summarize(CAPTIONS, 5) == ["red circles"]
+    assert summarizer(srv, timeout=3.0, attempt_timeout=0.4).summarize(CAPTIONS, 5) == ["red circles"]
     assert [r.headers["x-stainless-retry-count"] for r in srv.chat_requests] == ["0", "1"]
 
 
@@ -341,7 +342,8 @@ HOSTILE = {
         "identity was asked for; not read, not retried"), 1),
     "connection reset every time": (
         [Reset()] * 3,
-        (r"LLM request failed: connection failed \(\w+: .+\), after 2 retries sent "
+        (r"LLM request failed: connection failed \((ConnectionResetError|ConnectionAbortedError"
+        r"|BrokenPipeError|RemoteProtocolError|ReadError): .+\), after 2 retries sent "
         r"\(max_retries = 2\)"), 3),
     "connection reset, then an answer": ([Reset(), Reply(GOOD)], ["red circles"], 2),
     "15,000 nested brackets, then prose": (
@@ -763,7 +765,9 @@ def test_a_build_with_the_openai_summarizer_records_a_failed_neuron_and_goes_on(
     )
     for r in records:
         if r.status == "ok":
-            assert r.labels and 1 <= len(r.candidates) <= 5
+            # the LLM's answer gives 1-5 candidates; the fidelity step may add caption phrases
+            asked = [c for c in r.candidates if c.source != "fidelity"]
+            assert r.labels and 1 <= len(asked) <= 5
             assert all(1 <= len(c.concept.split()) <= 5 for c in r.candidates)
 
 

@@ -13,6 +13,7 @@ from builder.backends.openai_api import parse_candidate_list, validate_candidate
 from builder.backends.openai_requests import (
     Limits,
     _AnswerTooLong,
+    _deepest_message,
     _NotACompletion,
     completion_answer,
     excerpt,
@@ -104,3 +105,28 @@ def test_deep_brackets_and_giant_items_do_not_break_parsing():
     with pytest.raises(ValueError, match="at most 80 characters"):
         validate_candidates(["x" * 20_000_000, "word " * 3 + "y" * 80], [], 5)
     assert validate_candidates(["x" * 81, "red circles"], [], 5) == ["red circles"]
+
+
+def _raise_wrapped() -> None:
+    """A reset socket raised while an unrelated RuntimeError was being
+    handled, wrapped by a message-less error ``from None`` and then by one
+    with a generic message ``from`` it: the chain an HTTP client builds."""
+    try:
+        try:
+            try:
+                raise RuntimeError("no running event loop")
+            except RuntimeError:
+                raise ConnectionResetError(104, "Connection reset by peer")  # implicit context, on purpose
+        except ConnectionResetError:
+            raise OSError() from None
+    except OSError as wrapped:
+        raise ValueError("Connection error.") from wrapped
+
+
+def test_the_deepest_message_is_the_real_error_not_an_earlier_one_it_was_raised_during():
+    with pytest.raises(ValueError) as info:
+        _raise_wrapped()
+    root = _deepest_message(info.value)
+    assert isinstance(root, ConnectionResetError) and "Connection reset by peer" in str(root)
+    plain = ValueError("just this")
+    assert _deepest_message(plain) is plain
