@@ -120,6 +120,14 @@ class Recorded:
         return "\n".join(out)
 
 
+class _Server(ThreadingHTTPServer):
+    # socketserver listens with a backlog of 5: a client opening more
+    # connections at once than the accept loop takes (many neurons
+    # concurrently, on a busy machine) gets some of them reset, which a test
+    # would read as the scripted server's doing
+    request_queue_size = 128
+
+
 class ScriptedServer:
     """The server; use as a context manager. ``script(*behaviours)`` queues
     behaviours for the next chat requests in arrival order; when the queue is
@@ -180,7 +188,7 @@ class ScriptedServer:
         class Handler(_Handler):
             owner = server
 
-        self._httpd = ThreadingHTTPServer((HOST, 0), Handler)  # port 0: a free port
+        self._httpd = _Server((HOST, 0), Handler)  # port 0: a free port
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, args=(0.05,), name="scripted-openai", daemon=True
