@@ -129,10 +129,24 @@ class AtlasWriter:
 
         self._tx(work)
 
-    def done_units(self, model: str) -> set[tuple[str, int]]:
-        """(layer, unit) of every neuron already written for ``model``."""
-        rows = self.con.execute("SELECT layer, unit FROM neurons WHERE model = ?", [model]).fetchall()
-        return {(layer, int(unit)) for layer, unit in rows}
+    def done_units(self, model: str, include_failed: bool = False) -> set[tuple[str, int]]:
+        """(layer, unit) of every neuron of ``model`` a resume skips: those
+        written ``ok`` or ``dead``, and the ``failed`` ones only when
+        ``include_failed``. A failed neuron is redone by the next build; its
+        row (and reason) stays until the new result replaces it."""
+        sql = "SELECT layer, unit FROM neurons WHERE model = ?"
+        if not include_failed:
+            sql += " AND status <> 'failed'"
+        return {(layer, int(unit)) for layer, unit in self.con.execute(sql, [model]).fetchall()}
+
+    def failed_units(self, model: str) -> dict[tuple[str, int], str]:
+        """The reason of every neuron of ``model`` written as ``failed``, by
+        (layer, unit), in (layer, unit) order so a report listing them is stable."""
+        rows = self.con.execute(
+            "SELECT layer, unit, reason FROM neurons WHERE model = ? AND status = 'failed' ORDER BY layer, unit",
+            [model]
+        ).fetchall()
+        return {(layer, int(unit)): reason or "" for layer, unit, reason in rows}
 
     def set_stage_time(self, model: str, stage: str, seconds: float) -> None:
         self._tx(lambda: self.con.execute(

@@ -105,7 +105,10 @@ def _build_model(
     stats.skipped_images, stats.images_per_s = rec.n_skipped, rec.images_per_s
     if rec.n_skipped:
         log.warning("%s: %d probe files were not readable images and were skipped", m.name, rec.n_skipped)
+    # failed neurons are not done: a resume asks again for them (their rows stay until replaced)
+    failed_before = set(writer.failed_units(m.name))
     todo = todo_neurons(m, [(lay, n) for lay, _, n in rec.layers], cfg.shard, writer.done_units(m.name))
+    stats.retried = sum(n in failed_before for n in todo)
     extremes = {lay: rec.extremes(lay) for lay, _, _ in rec.layers}
     dead = {n for n in todo if is_dead(extremes[n[0]][0][n[1]], extremes[n[0]][1][n[1]])}
     writer.write_neurons(NeuronResult(m.name, lay, u, "dead", DEAD_REASON, float(extremes[lay][0][u]))
@@ -120,6 +123,7 @@ def _build_model(
                 fid = labeler.fidelity_sample(run, rec)
         if live:
             _label(run, rec, live, labeler, writer, embedder, stats, fid)
+        stats.still_failed = len(failed_before & set(writer.failed_units(m.name)) & set(todo))
         if fid is not None:
             with stats.timed("fidelity"):
                 _write_layer_fidelity(run, writer, fid)
