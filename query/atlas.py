@@ -22,6 +22,7 @@ import numpy as np
 
 from query.errors import AtlasError, AtlasNotFound, FormatVersionError, QueryError
 from query.index import load_index, read_label_vectors
+from query.ranking import rank_neurons, ranking_complete, text_similarities
 from query.records import (
     Candidate,
     Evidence,
@@ -425,33 +426,42 @@ class Atlas:
         model: str | None,
         layer: str | None,
     ) -> list[SearchHit]:
-        """Group the nearest labels per neuron, over-fetching until ``k`` neurons qualify."""
+        """The ``k`` best neurons from the nearest labels, by :mod:`query.ranking`'s rules
+        (copies of a text tie, ties go to the smaller key), over-fetching until
+        the ranking cannot change."""
         if total == 0:
             return []
         where, params = ok_labels_filter(model, layer)
         n = min(total, max(3 * k, 32))  # up to 3 labels per neuron
         while True:
             ids, sims = nearest(n)
-            rows = self.sql(
-                "SELECT l.label_id, l.model, l.layer, l.unit, l.text FROM labels l "
+            text_of = {r["label_id"]: r["text"] for r in self.sql(
+                "SELECT l.label_id, l.text FROM labels l "
                 "JOIN neurons n ON n.model = l.model AND n.layer = l.layer AND n.unit = l.unit "
                 f"WHERE l.label_id IN (SELECT unnest(?::BIGINT[])) AND {where}",
                 [ids.tolist(), *params],
-            )
-            by_id = {r["label_id"]: r for r in rows}
-            best: dict[tuple[str, str, int], tuple[float, str]] = {}
-            for label_id, sim in zip(ids.tolist(), sims.tolist()):
-                r = by_id.get(label_id)
-                if r is None:
-                    continue
-                key = (r["model"], r["layer"], r["unit"])
-                if key not in best:  # labels arrive best first
-                    best[key] = (float(sim), r["text"])
-            if len(best) >= k or n >= total:
+            )}
+            fetched = [(text_of[i], s) for i, s in zip(ids.tolist(), sims.tolist()) if i in text_of]
+            text_sim = text_similarities([t for t, _ in fetched], [s for _, s in fetched])
+            top = rank_neurons(text_sim, self._carriers(list(text_sim), where, params), k)
+            last = float(sims[-1]) if len(sims) else float("-inf")
+            if ranking_complete(top, k, last, n >= total):
                 break
             n = min(total, n * 2)
-        top = list(best.items())[:k]
-        return self._hits(top)
+        return self._hits([(r.key, (r.similarity, r.text)) for r in top])
+
+    def _carriers(self, texts: list[str], where: str,
+                  params: list[object]) -> list[tuple[tuple[str, str, int], int, str]]:
+        """``(key, rank, text)`` of every qualifying label whose text is one of ``texts``."""
+        if not texts:
+            return []
+        rows = self.sql(
+            "SELECT l.model, l.layer, l.unit, l.rank, l.text FROM labels l "
+            "JOIN neurons n ON n.model = l.model AND n.layer = l.layer AND n.unit = l.unit "
+            f"WHERE l.text IN (SELECT unnest(?::VARCHAR[])) AND {where}",
+            [texts, *params],
+        )
+        return [((r["model"], r["layer"], int(r["unit"])), int(r["rank"]), r["text"]) for r in rows]
 
     def _hits(self, top: list[tuple[tuple[str, str, int], tuple[float, str]]]) -> list[SearchHit]:
         if not top:
