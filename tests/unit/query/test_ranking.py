@@ -79,3 +79,19 @@ def test_search_breaks_ties_by_key_across_the_fetch_boundary(tied_atlas):
     assert [(h.layer, h.unit) for h in page] == sorted((h.layer, h.unit) for h in page)
     assert deeper[-1].matched_label == "red circle" and deeper[:-1] == page
     assert [(h.layer, h.unit) for h in only_conv2] == [("conv2", 0), ("conv2", 1), ("conv2", 2)]
+
+
+def test_min_fidelity_keeps_the_tie_order_and_reports_the_matched_labels_fidelity(make_atlas):
+    """Ties among the labels that pass min_fidelity still go to the smaller key, and each
+    hit carries the fidelity of the label that gave its similarity (not of its label 1)."""
+    neurons = [{"model": "cnn", "layer": "conv1", "unit": u, "labels": ["square", "red"]} for u in range(40)]
+    sql = ["UPDATE labels SET fidelity_correlation = unit / 100.0, fidelity_auprc = 0.5 "
+           "WHERE text = 'red' AND unit % 2 = 1",
+           "UPDATE labels SET fidelity_correlation = 0.99 WHERE text = 'square'"]
+    atlas_dir = make_atlas(neurons, sql=sql)
+    with Atlas.open(atlas_dir) as atlas:
+        hits = atlas.search("red", k=4, min_fidelity=0.2)
+    assert [h.unit for h in hits] == [21, 23, 25, 27]      # odd units from 0.21 up, by key
+    assert all(h.matched_label == "red" for h in hits)
+    assert [h.fidelity_correlation for h in hits] == pytest.approx([0.21, 0.23, 0.25, 0.27])
+    assert {h.fidelity_auprc for h in hits} == {0.5}
