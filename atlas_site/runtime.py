@@ -143,7 +143,7 @@ def download(url: str, timeout: float = DOWNLOAD_TIMEOUT_S, tries: int = DOWNLOA
     last: Exception | None = None
     for attempt in range(tries):
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - pinned https URL
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
                 if resp.status != 200:
                     raise RuntimeFetchError(f"{url}: HTTP {resp.status}")
                 return resp.read()

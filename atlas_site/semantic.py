@@ -15,9 +15,10 @@ the build says why in one warning::
     data/semantic/vectors.<dtype>.N        one unit vector per text, row-major, little-endian
 
 The browser fetches them on the first search only. Vectors: one per distinct
-label text (copies of a text tie, :mod:`query.ranking`), float32 while they
-take at most 16 MiB (the similarities then differ from the CLI's by what the
-query embedding does, ~1e-6), float16 beyond (a further ~5e-5).
+label text (copies of a text tie, :mod:`query.ranking`), float16 (half the
+bytes of the atlas's float32; a unit vector's cosines move by at most ~1e-3,
+typically ~1e-4, so only two distinct texts closer than that to the query can
+swap places against ``dnd-atlas search``).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ FORMAT = 1
 SEMANTIC_DIR = "data/semantic"
 INDEX_FILE = f"{SEMANTIC_DIR}/index.json"
 PART_BYTES = 45 * 2**20  # GitHub warns about files over 50 MB (and refuses them over 100 MB)
-FLOAT32_BUDGET = 16 * 2**20  # float32 vectors up to this size, float16 beyond
+VECTOR_DTYPE = "float16"  # the compact form of the label vectors (the browser also reads float32)
 TOKENIZER_PARTS = {  # what atlas_site/static/semantic/wordpiece.mjs implements
     "model": ("WordPiece",),
     "normalizer": ("BertNormalizer",),
@@ -98,11 +99,6 @@ def semantic_labels(atlas: Atlas) -> tuple[SemanticLabels, np.ndarray]:
     dim = vecs.shape[1] if len(ids) else 0
     out = vecs[[row_of[i] for i in vector_of]] if texts else np.zeros((0, dim), np.float32)
     return SemanticLabels(layers, texts, tuple(map(tuple, refs)), vector_of), out
-
-
-def vector_dtype(n_texts: int, dim: int) -> str:
-    """``float32`` while the vectors take at most :data:`FLOAT32_BUDGET`, else ``float16``."""
-    return "float32" if n_texts * dim * 4 <= FLOAT32_BUDGET else "float16"
 
 
 def encode_vectors(vecs: np.ndarray, dtype: str) -> bytes:
@@ -214,7 +210,7 @@ def _write_files(atlas: Atlas, writer: ProjectWriter, prefix: str, runtime: Path
                                                   compresslevel=9, mtime=0))
     labels_file = f"{SEMANTIC_DIR}/labels.json.gz"
     writer.data(prefix + labels_file, gzip_json(labels.to_dict()))
-    dtype = vector_dtype(*vecs.shape)
+    dtype = VECTOR_DTYPE
     raw = encode_vectors(vecs, dtype)
     vectors = _parts(writer, prefix, f"{SEMANTIC_DIR}/vectors.{dtype}", raw)
     rt = _runtime(writer, prefix, runtime, spec)

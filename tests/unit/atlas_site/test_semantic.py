@@ -1,6 +1,6 @@
 """The semantic search files of the site, without a browser: one vector per distinct
 label text of the 'ok' neurons, layers in the CLI's tie order, parts under the static
-hosts' limit, float32/float16 by size, and keyword search only (one warning) when the
+hosts' limit, float16 vectors, and keyword search only (one warning) when the
 atlas's embedder or the runtime is missing or unfit."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from atlas_site.output import Manifest, ProjectWriter
 from atlas_site.runtime import MODULE, NOTICE_FILE, ONNXRUNTIME_WEB, WASM
 from query import Atlas
 from query.embedder import model_path
-from query.onnx_embedder import ATLAS_EMBEDDER_DIR, EmbedderFile, EmbedderManifest, MANIFEST_FILE
+from query.onnx_embedder import ATLAS_EMBEDDER_DIR, MANIFEST_FILE, EmbedderFile, EmbedderManifest
 
 NEURONS = [
     {"model": "vit", "layer": "head", "unit": 3, "labels": ["red", "sky"]},
@@ -91,8 +91,7 @@ def test_one_vector_per_text_of_ok_neurons_in_key_order(atlas_dir):
 
 
 def test_vector_precision_parts_and_encoding():
-    assert semantic.vector_dtype(10_000, 384) == "float32"
-    assert semantic.vector_dtype(20_000, 384) == "float16"          # 29 MiB as float32
+    assert semantic.VECTOR_DTYPE == "float16"
     v = np.array([[0.5, -0.25], [1.0, 0.0]], np.float32)
     assert np.frombuffer(semantic.encode_vectors(v, "float16"), "<f2").tolist() == [0.5, -0.25, 1.0, 0.0]
     assert [bytes(p) for p in semantic.split(b"abcdefg", 3)] == [b"abc", b"def", b"g"]
@@ -111,9 +110,12 @@ def test_written_files_and_index(atlas_dir, tmp_path, monkeypatch):
     assert len(ix["model"]["parts"]) == 4                            # 5,120 bytes in 1,500-byte parts
     assert b"".join((docs / p).read_bytes() for p in ix["model"]["parts"]) == model
     assert ix["model"]["sha256"] == hashlib.sha256(model).hexdigest()
-    vec = np.frombuffer(b"".join((docs / p).read_bytes() for p in ix["vectors"]["parts"]), "<f4")
+    vec = np.frombuffer(b"".join((docs / p).read_bytes() for p in ix["vectors"]["parts"]), "<f2")
     with Atlas.open(atlas_dir) as atlas:
-        assert np.array_equal(vec.reshape(4, 384), semantic.semantic_labels(atlas)[1])
+        full = semantic.semantic_labels(atlas)[1]
+    assert ix["vectors"]["bytes"] == full.size * 2                    # half the atlas's float32
+    assert np.array_equal(vec.reshape(4, 384), full.astype(np.float16))
+    assert np.abs(vec.reshape(4, 384) @ full.T - full @ full.T).max() < 1e-3
     labels = json.loads(gzip.decompress((docs / ix["labels"]).read_bytes()))
     assert labels["texts"] == ["red", "red circle", "sky", "zebra pattern"]
     assert json.loads(gzip.decompress((docs / ix["tokenizer"]).read_bytes()))["model"]["type"] == "WordPiece"
@@ -121,7 +123,7 @@ def test_written_files_and_index(atlas_dir, tmp_path, monkeypatch):
     assert ix["runtime"]["wasm"].endswith(".wasm.gz") and WASM.endswith(".wasm")
     for rel in (ix["runtime"]["module"], ix["runtime"]["wasm"], f"{ix['runtime']['dir']}/{NOTICE_FILE}"):
         assert (docs / rel).is_file() and f"docs/{rel}" in writer.written
-    assert ix["embedder"]["name"] == "minilm" and ix["vectors"]["dtype"] == "float32"
+    assert ix["embedder"]["name"] == "minilm" and ix["vectors"]["dtype"] == "float16"
     assert set(ix["files"]) >= {*ix["model"]["parts"], ix["labels"], ix["tokenizer"]}
 
 

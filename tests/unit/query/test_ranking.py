@@ -85,8 +85,8 @@ def test_min_fidelity_keeps_the_tie_order_and_reports_the_matched_labels_fidelit
     """Ties among the labels that pass min_fidelity still go to the smaller key, and each
     hit carries the fidelity of the label that gave its similarity (not of its label 1)."""
     neurons = [{"model": "cnn", "layer": "conv1", "unit": u, "labels": ["square", "red"]} for u in range(40)]
-    sql = ["UPDATE labels SET fidelity_correlation = unit / 100.0, fidelity_auprc = 0.5 "
-           "WHERE text = 'red' AND unit % 2 = 1",
+    sql = [("UPDATE labels SET fidelity_correlation = unit / 100.0, fidelity_auprc = 0.5 "
+            "WHERE text = 'red' AND unit % 2 = 1"),
            "UPDATE labels SET fidelity_correlation = 0.99 WHERE text = 'square'"]
     atlas_dir = make_atlas(neurons, sql=sql)
     with Atlas.open(atlas_dir) as atlas:
