@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup browser demo test test-all bench clean
+.PHONY: setup browser runtime demo test test-all bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -32,13 +32,20 @@ browser:
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
 	  else echo "chromium is missing: apt-get install chromium chromium-driver (browser tests will skip)"; fi; }
 
-demo: setup
+# onnxruntime-web for the site's semantic search, fetched once into the cache
+# (one pinned npm tarball); without network the site keeps keyword search and
+# its browser tests skip.
+runtime: setup
+	@$(PY) -m atlas_site.runtime --check >/dev/null 2>&1 || $(PY) -m atlas_site.runtime || \
+	  echo "onnxruntime-web could not be fetched: the site gets keyword search only"
+
+demo: setup runtime
 	$(VENV)/bin/dnd-atlas demo --out $(DEMO_DIR)
 
-test: setup browser
+test: setup browser runtime
 	$(PY) -m pytest -q
 
-test-all: setup browser
+test-all: setup browser runtime
 	$(PY) -m pytest -q -m ""
 
 bench: setup

@@ -106,14 +106,17 @@ def render_neuron_template() -> str:
 
 
 def render_search() -> str:
-    """The search page: keyword search over every label, in the browser."""
+    """The search page: semantic search when the site has it (keyword search
+    otherwise), with model and layer filters, in the browser."""
     return (_front_matter("Search neurons")
             + "# Search neurons\n\n"
             '<div class="atlas-search-page" data-atlas-view="search">\n'
             '<form class="atlas-search-form" role="search">'
             '<input type="search" class="atlas-search-input" name="q" '
-            'placeholder="words in labels, e.g. striped circle" autocomplete="off" '
-            'aria-label="Search neurons by label words">'
+            'placeholder="a concept, e.g. striped circle" autocomplete="off" '
+            'aria-label="Search neurons by concept">'
+            '<select class="atlas-search-model" aria-label="Model"></select>'
+            '<select class="atlas-search-layer" aria-label="Layer"></select>'
             '<button type="submit">Search</button></form>\n'
             '<p class="atlas-search-status atlas-muted"></p>\n'
             '<ol class="atlas-search-results"></ol>\n'
