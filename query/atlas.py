@@ -20,6 +20,7 @@ from typing import Any
 import duckdb
 import numpy as np
 
+from query.access import connect
 from query.errors import AtlasError, AtlasNotFound, FormatVersionError, QueryError
 from query.index import load_index, read_label_vectors
 from query.records import (
@@ -109,6 +110,22 @@ def ok_labels_filter(model: str | None, layer: str | None) -> tuple[str, list[ob
         params.append(layer)
     return " AND ".join(where), params
 
+def query_embedder(atlas_dir: Path, name: str) -> Any:
+    """The embedder for search queries: the ONNX one the atlas carries
+    (``ATLAS/embedder/``, no torch) when it is the embedder ``name`` the atlas
+    was built with, else ``name`` loaded with sentence-transformers."""
+    from query.embedder import get_embedder
+    from query.onnx_embedder import atlas_embedder
+
+    onnx = atlas_embedder(atlas_dir)
+    if onnx is not None and onnx.name == name:
+        return onnx
+    if onnx is not None:
+        log.warning("the atlas's ONNX embedder is %r but it was built with %r; using %r",
+                    onnx.name, name, name)
+    return get_embedder(name)
+
+
 class Atlas:
     """An open atlas. Use :meth:`open`; close it (or use ``with``) when done."""
 
@@ -133,17 +150,18 @@ class Atlas:
         atlas of another format version, unless ``allow_older`` (for readers
         that only read what every version has). Writable, an older atlas is
         migrated in place; ``create=True`` makes a new empty atlas when none
-        exists. Raises :class:`AtlasNotFound` or :class:`FormatVersionError`.
+        exists. While another process writes the atlas, opening waits for it
+        to release the file (:func:`query.access.connect`; writers release it
+        between chunks). Raises :class:`AtlasNotFound`,
+        :class:`FormatVersionError` or :class:`query.access.AtlasBusy`.
         """
         atlas_dir, db = resolve_paths(path)
         if not db.is_file():
             if read_only or not create:
                 raise AtlasNotFound(f"no atlas at {path} (missing {db})")
             atlas_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            con = duckdb.connect(str(db), read_only=read_only)
-        except duckdb.Error as exc:
-            raise AtlasError(f"cannot open {db}: {str(exc).splitlines()[0]}") from None
+        # waits (bounded) while another process writes the file: query.access
+        con = connect(db, read_only=read_only, what=f"the atlas at {atlas_dir}")
         try:
             version = current_version(con)
             if version == 0 and not create:
@@ -391,12 +409,10 @@ class Atlas:
         return self._rank(nearest, total, k, model, layer)
 
     def _embed_query(self, text: str) -> np.ndarray:
-        from query.embedder import get_embedder
-
         name = self.meta.get("embedder")
         if not name:
             raise AtlasError("the atlas meta has no 'embedder'; rebuild the atlas")
-        return get_embedder(str(name)).embed([text])[0]
+        return query_embedder(self.path, str(name)).embed([text])[0]
 
     def _search_index(self) -> Any:
         """The FAISS index when it is present and current, else ``None`` (logged once)."""

@@ -17,7 +17,7 @@ from typing import Any
 import duckdb
 import numpy as np
 
-from query.errors import AtlasError
+from query.access import connect
 from query.index import insert_label_vectors
 from query.schema import DB_FILE, IMAGES_DIR, label_id, migrate
 
@@ -74,17 +74,47 @@ _NEURON_TABLES = ("neurons", "labels", "candidates", "evidence", "call_counts")
 
 
 class AtlasWriter:
-    """An atlas opened for writing (creating and migrating it if needed)."""
+    """An atlas opened for writing (creating and migrating it if needed).
+
+    DuckDB lets no other process open a file a writer holds, so a writer
+    holds it only while it writes: :meth:`release` closes the connection
+    (a build calls it between chunks, so ``search``, ``serve`` and ``eval``
+    get in), and the next use of :attr:`con` opens it again, waiting while
+    another process holds it (:func:`query.access.connect`).
+    """
 
     def __init__(self, atlas_dir: str | Path) -> None:
         self.dir = Path(atlas_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / IMAGES_DIR).mkdir(exist_ok=True)
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._connect()
+
+    @property
+    def con(self) -> duckdb.DuckDBPyConnection:
+        """The connection, opened again after :meth:`release`."""
+        if self._con is None:
+            self._connect()
+        return self._con  # type: ignore[return-value]
+
+    def _connect(self) -> None:
+        con = connect(self.dir / DB_FILE, read_only=False, what=f"the atlas at {self.dir}")
         try:
-            self.con = duckdb.connect(str(self.dir / DB_FILE))
-        except duckdb.Error as exc:
-            raise AtlasError(f"cannot open {self.dir / DB_FILE} for writing: {exc}") from exc
-        migrate(self.con)
+            migrate(con)
+        except BaseException:
+            con.close()
+            raise
+        self._con = con
+
+    def release(self) -> None:
+        """Checkpoint and close the connection until the next write, so that
+        other processes can open the atlas meanwhile (idempotent)."""
+        con, self._con = self._con, None
+        if con is not None:
+            try:
+                con.execute("CHECKPOINT")
+            finally:
+                con.close()
 
     # -- meta, models, layers ------------------------------------------------
     def meta(self) -> dict[str, Any]:
@@ -212,10 +242,7 @@ class AtlasWriter:
         self.con.execute("CHECKPOINT")
 
     def close(self) -> None:
-        try:
-            self.con.execute("CHECKPOINT")
-        finally:
-            self.con.close()
+        self.release()
 
     def __enter__(self) -> AtlasWriter:
         return self

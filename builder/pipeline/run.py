@@ -84,6 +84,7 @@ def _build_model(
     cfg: BuildConfig, m: ModelConfig, labeler: Labeler, writer: AtlasWriter, cache: ContentCache, embedder,
 ) -> ModelSummary:
     stats = ModelSummary(m.name)
+    writer.release()  # loading and recording take long: let other processes read meanwhile
     with stats.timed("load"):
         run = load_model(cfg, m, cache, writer.dir / "images")
     with stats.timed("record"):
@@ -129,9 +130,11 @@ def _label(
 ) -> None:
     bar = progress(total=len(live), desc=f"{labeler.name} {run.name}", unit="neuron")
     try:
+        writer.release()  # the labeler computes a chunk before it yields it: readers get in then
         for results in labeler.label(run, rec, live, stats):
             with stats.timed(labeler.write_stage):
                 writer.write_neurons(with_label_vectors(results, embedder))
+                writer.release()
             for r in results:
                 stats.tally(r.calls)
             stats.neurons += len(results)
