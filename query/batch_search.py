@@ -50,6 +50,7 @@ class LabelTable:
     def __init__(self, atlas: Atlas) -> None:
         t = atlas.con.sql(
             "SELECT l.label_id, l.model, l.layer, l.unit, l.rank, l.text, l.concept_score, "
+            "l.fidelity_correlation, l.fidelity_auprc, "
             "coalesce(n.status = 'ok', false) AS ok FROM labels l "
             "LEFT JOIN neurons n ON n.model = l.model AND n.layer = l.layer AND n.unit = l.unit "
             "ORDER BY l.model, l.layer, l.unit, l.rank").to_arrow_table()
@@ -60,6 +61,10 @@ class LabelTable:
         self.scores: list[float | None] = t.column("concept_score").to_pylist()
         self.ranks = t.column("rank").to_numpy().astype(np.int32, copy=False)
         self.ok = t.column("ok").to_numpy(zero_copy_only=False).astype(bool)
+        self.fid_corr: list[float | None] = t.column("fidelity_correlation").to_pylist()
+        self.fid_auprc: list[float | None] = t.column("fidelity_auprc").to_pylist()
+        # NaN where a label has no fidelity: no bound keeps it, as in SQL (NULL >= x is not true)
+        self.fid_corr_array = np.array([np.nan if v is None else v for v in self.fid_corr], dtype=np.float64)
         self.model_names = sorted(set(models))
         self.layer_names = sorted(set(layers))
         mcode = {m: i for i, m in enumerate(self.model_names)}
@@ -90,10 +95,12 @@ class LabelTable:
 
     def best_per_neuron(
         self, ids: np.ndarray, sims: np.ndarray, model: str | None, layer: str | None,
+        min_fidelity: float | None = None,
     ) -> dict[int, tuple[float, int]]:
         """Neuron number -> (similarity, label row) of its best label among the
         hits (in hit order), over the labels search may return: an ``ok``
-        neuron's, of ``model`` and ``layer`` when given."""
+        neuron's, of ``model`` and ``layer`` when given, with a fidelity
+        correlation of at least ``min_fidelity`` when given."""
         rows = self.rows(ids)
         keep = rows >= 0
         keep[keep] &= self.ok[rows[keep]]
@@ -103,6 +110,8 @@ class LabelTable:
         if layer is not None:
             code = self.layer_names.index(layer) if layer in self.layer_names else -1
             keep[keep] &= self.label_layer[rows[keep]] == code
+        if min_fidelity is not None:
+            keep[keep] &= self.fid_corr_array[rows[keep]] >= float(min_fidelity)
         best: dict[int, tuple[float, int]] = {}
         for row, sim in zip(rows[keep].tolist(), sims[keep].tolist()):
             best.setdefault(int(self.neuron_of[row]), (float(sim), row))
@@ -117,6 +126,7 @@ class LabelTable:
             model=model, layer=layer, unit=int(unit), labels=self.texts[start:end],
             score=self.scores[start] if self.ranks[start] == 1 else None,
             similarity=sim, matched_label=self.texts[row],
+            fidelity_correlation=self.fid_corr[row], fidelity_auprc=self.fid_auprc[row],
         )
 
     def check_scope(self, atlas: Atlas, model: str | None, layer: str | None) -> None:
@@ -161,7 +171,8 @@ class SearchEngine:
         return ids, sims
 
     def rank(self, query: np.ndarray, k: int, model: str | None, layer: str | None,
-             fetched: tuple[np.ndarray, np.ndarray] | None = None) -> list[SearchHit]:
+             fetched: tuple[np.ndarray, np.ndarray] | None = None,
+             min_fidelity: float | None = None) -> list[SearchHit]:
         """The ``k`` best neurons for one embedded query, as ``Atlas.search``
         ranks them (``fetched``: its nearest labels, already searched)."""
         total = int(self.index.ntotal)
@@ -174,7 +185,7 @@ class SearchEngine:
             else:
                 found_ids, found_sims = self.nearest(query[None, :], n)
                 ids, sims = found_ids[0], found_sims[0]
-            best = self.table.best_per_neuron(ids, sims, model, layer)
+            best = self.table.best_per_neuron(ids, sims, model, layer, min_fidelity)
             if len(best) >= k or n >= total:
                 break
             n = min(total, n * 2)
@@ -202,6 +213,7 @@ class _Job:
     k: int
     model: str | None
     layer: str | None
+    min_fidelity: float | None
     future: Future
 
 
@@ -228,9 +240,9 @@ class SearchBatcher:
         self._thread.start()
 
     def submit(self, text: str, k: int = 10, model: str | None = None,
-               layer: str | None = None) -> Future:
+               layer: str | None = None, min_fidelity: float | None = None) -> Future:
         """Queue one search; the future's result is its ``list[SearchHit]``."""
-        job = _Job(text, k, model, layer, Future())
+        job = _Job(text, k, model, layer, min_fidelity, Future())
         with self._cond:
             if self._closed:
                 raise AtlasError("the server is shutting down")
@@ -239,9 +251,9 @@ class SearchBatcher:
         return job.future
 
     def search(self, text: str, k: int = 10, model: str | None = None,
-               layer: str | None = None) -> list[SearchHit]:
+               layer: str | None = None, min_fidelity: float | None = None) -> list[SearchHit]:
         """One search, waiting for its round."""
-        return self.submit(text, k, model, layer).result()
+        return self.submit(text, k, model, layer, min_fidelity).result()
 
     def close(self) -> None:
         """Stop the thread; queued searches fail (idempotent)."""
@@ -299,7 +311,8 @@ class SearchBatcher:
             i = row[job.text.strip()]
             try:
                 fetched = (ids[i], sims[i]) if total else None
-                job.future.set_result(engine.rank(vectors[i], job.k, job.model, job.layer, fetched))
+                job.future.set_result(engine.rank(vectors[i], job.k, job.model, job.layer, fetched,
+                                                  job.min_fidelity))
             except AtlasError as exc:
                 job.future.set_exception(exc)
 

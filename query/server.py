@@ -346,9 +346,12 @@ def _add_read_routes(app, readers: _Readers, images_root: Path) -> None:
                                            description="only neurons of this model")] = None,
         layer: Annotated[str | None, Query(max_length=MAX_NAME_CHARS,
                                            description="only neurons of this layer")] = None,
+        min_fidelity: Annotated[float | None, Query(ge=-1.0, le=1.0, description=(
+            "only labels whose fidelity correlation is at least this"))] = None,
     ) -> list[SearchHit]:
         # answered in the batcher's next round, with every other search waiting
-        return await asyncio.wrap_future(readers.batcher.submit(q, k=k, model=model, layer=layer))
+        return await asyncio.wrap_future(readers.batcher.submit(
+            q, k=k, model=model, layer=layer, min_fidelity=min_fidelity))
 
     @app.get("/models", response_model=list[ModelInfo], summary="the target models")
     def models() -> list[ModelInfo]:

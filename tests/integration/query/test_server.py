@@ -54,11 +54,11 @@ NEURONS = [
 DETAILS = [
     """INSERT INTO captions VALUES
        ('k1', 'img/1.png', NULL, NULL, NULL, NULL, 'oracle', 'a red striped circle')""",
-    """INSERT INTO evidence VALUES
+    """INSERT INTO evidence (model, layer, unit, rank, source, x0, y0, x1, y1, activation, thumbnail, caption_key) VALUES
        ('cnn', 'layer4.0.conv2', 0, 1, 'img/1.png', NULL, NULL, NULL, NULL, 3.5,
         'images/ev/a.png', 'k1'),
        ('cnn', 'layer4.0.conv2', 0, 2, 'img/2.png', 4, 5, 30, 40, 3.1, 'images/ev/b.webp', NULL)""",
-    """INSERT INTO candidates VALUES
+    """INSERT INTO candidates (model, layer, unit, position, concept, topk_squared, image_products, score, selected_rank, samples) VALUES
        ('cnn', 'layer4.0.conv2', 0, 0, 'red striped circle', 1.5, 0.7, 1.4, 1,
         '["images/gen/g1.png"]')""",
     """INSERT INTO call_counts VALUES ('cnn', 'layer4.0.conv2', 0, 'captioner_images', 10, 4)""",
@@ -184,13 +184,40 @@ def test_search_matches_cli_json(base, atlas_dir, capsys):
     assert hits[0]["labels"] == ["red striped circle", "stripes"]
     assert hits[0]["matched_label"] == "red striped circle" and hits[0]["score"] == 0.9
     assert set(hits[0]) == {"model", "layer", "unit", "labels", "score", "similarity",
-                            "matched_label"}
+                            "matched_label", "fidelity_correlation", "fidelity_auprc"}
     # Exactly what `dnd-atlas search --json` prints.
     from query.cli import main
 
     capsys.readouterr()
     assert main(["search", str(atlas_dir), "striped circle", "-k", "3", "--json"]) == 0
     assert hits == json.loads(capsys.readouterr().out)
+
+
+def test_search_min_fidelity_matches_the_cli(make_atlas, capsys):
+    """``min_fidelity`` keeps only labels that reach it (a label without fidelity
+    never does), in the server's batched search as in ``dnd-atlas search``."""
+    atlas = make_atlas(NEURONS, name="fid", sql=[
+        "UPDATE labels SET fidelity_correlation = 0.6, fidelity_auprc = 0.7 "
+        "WHERE text IN ('red striped circle', 'blue sky')",
+        "UPDATE labels SET fidelity_correlation = 0.1 WHERE text = 'stripes'"])
+    from query.cli import main
+
+    with serving(create_app(atlas)) as url:
+        for params in ({"min_fidelity": 0.5}, {"min_fidelity": 0.05}, {"min_fidelity": -1.0}, {}):
+            status, _, hits = call(url, "/search" + q(q="stripes", k=5, **params))
+            assert status == 200, hits
+            capsys.readouterr()
+            flag = ["--min-fidelity", str(params["min_fidelity"])] if params else []
+            assert main(["search", str(atlas), "stripes", "-k", "5", "--json", *flag]) == 0
+            assert hits == json.loads(capsys.readouterr().out), params
+            if params.get("min_fidelity") == 0.5:
+                assert [(h["unit"], h["matched_label"], h["fidelity_correlation"]) for h in hits] == [
+                    (0, "red striped circle", 0.6), (1, "blue sky", 0.6)]
+                assert hits[0]["fidelity_auprc"] == 0.7
+            if params.get("min_fidelity") == 0.05:
+                assert hits[0]["matched_label"] == "stripes"
+        status, _, err = call(url, "/search" + q(q="stripes", min_fidelity=2))
+        assert status == 422 and "min_fidelity" in err["detail"]
 
 
 def test_search_filters(base):
