@@ -135,6 +135,31 @@ def connect(
         return con
 
 
+def attach_read_only(
+    con: duckdb.DuckDBPyConnection, db: str | os.PathLike[str], alias: str,
+    timeout: float | None = None, what: str = "",
+) -> None:
+    """``ATTACH`` ``db`` read-only to ``con`` as ``alias``, retrying while
+    another process writes it, like :func:`connect` (:class:`AtlasBusy` after
+    ``timeout``, default :func:`lock_timeout`)."""
+    timeout = lock_timeout() if timeout is None else timeout
+    deadline = time.monotonic() + timeout
+    delays = backoff_delays()
+    quoted = str(db).replace("'", "''")
+    while True:
+        try:
+            con.execute(f"ATTACH '{quoted}' AS {alias} (READ_ONLY)")
+            return
+        except duckdb.Error as exc:
+            left = deadline - time.monotonic()
+            if not is_lock_conflict(exc):
+                raise
+            if left <= 0:
+                raise AtlasBusy(f"{what or db} is held by another process and was not released "
+                                f"within {timeout:g} s; try again later, or raise {LOCK_TIMEOUT_ENV}") from None
+            time.sleep(min(next(delays), max(left, 0.0)))
+
+
 def copy_database(
     db: str | os.PathLike[str], dest: str | os.PathLike[str], timeout: float = 0.0,
 ) -> FileState:

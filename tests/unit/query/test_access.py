@@ -142,3 +142,24 @@ def test_the_writer_lets_readers_in_between_writes(tmp_path):
     finally:
         writer.close()
     assert readable_elsewhere(atlas / "atlas.duckdb")
+
+
+def test_attach_waits_for_a_writer_and_gives_up_after_the_timeout(db, tmp_path):
+    from query.access import attach_read_only
+
+    con = duckdb.connect(str(tmp_path / "merged.duckdb"))
+    try:
+        holder = hold(db, 1.5)
+        attach_read_only(con, db, "src", timeout=60)  # the merge waits for the shard's build
+        assert con.execute("SELECT count(*) FROM src.t").fetchone()[0] == 1000
+        con.execute("DETACH src")
+        assert holder.wait(timeout=30) == 0
+        holder = hold(db, 30)
+        try:
+            with pytest.raises(AtlasBusy, match="not released within 0.3 s"):
+                attach_read_only(con, db, "src", timeout=0.3, what="shard X")
+        finally:
+            holder.kill()
+            holder.wait()
+    finally:
+        con.close()
