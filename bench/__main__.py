@@ -9,11 +9,25 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import cold_search, cost, dictionary, embedder, gpu_shapes, pipeline, recording, search, site, worlds
+from bench import (
+    cold_search,
+    cost,
+    dictionary,
+    embedder,
+    fidelity,
+    gpu_shapes,
+    pipeline,
+    recording,
+    search,
+    serve,
+    site,
+    worlds,
+)
 
 BENCHES = {"recording": recording.run, "search": search.run, "pipeline": pipeline.run, "cost": cost.run,
            "site": site.run, "gpu_shapes": gpu_shapes.run, "embedder": embedder.run, "worlds": worlds.run,
-           "dictionary": dictionary.run, "cold_search": cold_search.run}
+           "dictionary": dictionary.run, "cold_search": cold_search.run, "serve": serve.run,
+           "fidelity": fidelity.run}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,8 @@ from typing import Any
 import duckdb
 import numpy as np
 
-from query.dberrors import GuardedConnection, db_error
+from query.access import connect
+from query.dberrors import GuardedConnection
 from query.errors import AtlasError, AtlasNotFound, FormatVersionError, QueryError
 from query.index import load_index, read_label_vectors
 from query.ranking import rank_neurons, ranking_complete, text_similarities
@@ -142,18 +143,19 @@ class Atlas:
         atlas of another format version, unless ``allow_older`` (for readers
         that only read what every version has). Writable, an older atlas is
         migrated in place; ``create=True`` makes a new empty atlas when none
-        exists. Raises :class:`AtlasNotFound` or :class:`FormatVersionError`.
+        exists. While another process writes the atlas, opening waits for it
+        to release the file (:func:`query.access.connect`; writers release it
+        between chunks). Raises :class:`AtlasNotFound`,
+        :class:`FormatVersionError` or :class:`query.access.AtlasBusy`.
         """
         atlas_dir, db = resolve_paths(path)
         if not db.is_file():
             if read_only or not create:
                 raise AtlasNotFound(f"no atlas at {path} (missing {db})")
             atlas_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            raw = duckdb.connect(str(db), read_only=read_only)
-        except duckdb.Error as exc:
-            raise db_error(exc, db, "open") from None
-        # a truncated or damaged file fails on some later read: one line then too
+        # waits (bounded) while another process writes the file (query.access); a
+        # truncated or damaged file fails on some later read: one line then too
+        raw = connect(db, read_only=read_only, what=f"the atlas at {atlas_dir}")
         con = GuardedConnection(raw, db, "read" if read_only else "write", hold_interrupts=not read_only)
         try:
             version = current_version(con)

@@ -93,26 +93,6 @@ def db_error(exc: BaseException, db: str | Path, doing: str = "use") -> AtlasErr
     return AtlasError(f"cannot {doing} {db}: {first}")
 
 
-def connect_writable(atlas_dir: Path, db: Path, images_dir: Path) -> GuardedConnection:
-    """Create the atlas folder (and its images folder) and open ``db`` for
-    writing; a folder that is a file, read-only, full, locked or damaged
-    is a one-line AtlasError, not a traceback."""
-    if atlas_dir.exists() and not atlas_dir.is_dir():
-        raise AtlasWriteError(f"cannot write an atlas at {atlas_dir}: it is a file, not a folder")
-    for folder in (atlas_dir, images_dir):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise os_error(exc, folder, "create the folder") from None
-    if db.exists() and not db.is_file():
-        raise AtlasWriteError(f"cannot write an atlas at {atlas_dir}: {db.name} is not a file")
-    try:
-        con = duckdb.connect(str(db))
-    except duckdb.Error as exc:
-        raise db_error(exc, db, "open for writing") from None
-    return GuardedConnection(con, db, "write")
-
-
 def os_error(exc: OSError, path: str | Path, doing: str) -> AtlasError:
     """An OSError met while ``doing`` something at ``path``, as one line."""
     if is_disk_full(exc):

@@ -20,6 +20,7 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
+from query.access import connect
 from query.embedder import normalize
 from query.errors import AtlasError, AtlasNotFound
 from query.schema import DB_FILE, INDEX_FILE
@@ -105,7 +106,7 @@ def build_index(atlas_dir: str | os.PathLike[str], con: duckdb.DuckDBPyConnectio
         db = atlas_dir / DB_FILE
         if not db.is_file():
             raise AtlasNotFound(f"no atlas at {atlas_dir} (missing {DB_FILE})")
-        con = duckdb.connect(str(db))
+        con = connect(db, read_only=False, what=f"the atlas at {atlas_dir}")
     try:
         ids, vecs = read_label_vectors(con)
         d = vecs.shape[1] if len(ids) else _embedder_dim(con)

@@ -24,9 +24,16 @@ from typing import Any
 
 import duckdb
 
-from query.errors import FormatVersionError, MergeError
+from query.access import AtlasBusy, attach_read_only, connect
+from query.errors import AtlasError, FormatVersionError, MergeError
 from query.index import build_index
-from query.onnx_embedder import ATLAS_EMBEDDER_DIR, ATLAS_META_KEY, EmbedderError, carried_meta, read_manifest
+from query.onnx_embedder import (
+    ATLAS_EMBEDDER_DIR,
+    ATLAS_META_KEY,
+    EmbedderError,
+    carried_meta,
+    read_manifest,
+)
 from query.schema import DB_FILE, FORMAT_VERSION, IMAGES_DIR, current_version, migrate
 
 log = logging.getLogger(__name__)
@@ -151,10 +158,12 @@ def _shard_meta(path: Path) -> dict[str, Any]:
     db = path / DB_FILE
     if not db.is_file():
         raise MergeError(f"{path} is not an atlas (no {DB_FILE})")
-    try:
-        con = duckdb.connect(str(db), read_only=True)
-    except duckdb.Error as exc:
-        raise MergeError(f"cannot open {db} (is its build still running?): {str(exc).splitlines()[0]}") from exc
+    try:  # waits (bounded) while a build still writes the shard: query.access
+        con = connect(db, read_only=True, what=f"shard {path}")
+    except AtlasBusy as exc:
+        raise MergeError(f"{exc} (is its build still running?)") from None
+    except AtlasError as exc:
+        raise MergeError(str(exc)) from None
     try:
         version = current_version(con)
         if version > FORMAT_VERSION:
@@ -217,7 +226,10 @@ def _copy_rows(con: duckdb.DuckDBPyConnection, shard: Path) -> int:
     """Copy one shard's rows into the merged atlas in one transaction;
     returns how many of its neurons were already there (and identical)."""
     alias = "shard_src"
-    con.execute(f"ATTACH '{_sql_str(shard / DB_FILE)}' AS {alias} (READ_ONLY)")
+    try:
+        attach_read_only(con, shard / DB_FILE, alias, what=f"shard {shard}")
+    except AtlasBusy as exc:
+        raise MergeError(f"{exc} (is its build still running?)") from None
     try:
         have = {r[0] for r in con.execute(
             "SELECT table_name FROM information_schema.tables WHERE table_catalog = ?", [alias]

@@ -39,3 +39,12 @@ def service(name: str) -> Callable[..., Any] | None:
         if ep.name == name:
             return ep.load()
     return None
+
+
+def service_spec(name: str) -> str | None:
+    """The ``module:callable`` another package offers as service ``name``, or
+    ``None``; nothing is imported (a server hands it to a child process)."""
+    for ep in _entries(SERVICES_GROUP):
+        if ep.name == name:
+            return ep.value
+    return None

@@ -1,36 +1,50 @@
 """``dnd-atlas serve``: a read-only HTTP API over one atlas (FastAPI + uvicorn).
 
 Endpoints (JSON unless noted; the OpenAPI schema is at ``/openapi.json`` and
-interactive docs at ``/docs``):
+interactive docs at ``/docs``; ``HEAD`` works wherever ``GET`` does):
 
 - ``GET /search?q=&k=&model=&layer=``: neurons by text concept, the objects
-  ``dnd-atlas search --json`` prints;
+  ``dnd-atlas search --json`` prints; concurrent searches are answered
+  together (:mod:`query.batch_search`);
 - ``GET /models``, ``GET /layers?model=``: what the atlas holds;
 - ``GET /neurons/{model}/{layer}/{unit}``: one neuron's full record (layer
   names may contain dots and slashes);
 - ``POST /classify``: neurons usable as a classifier of a concept, scored on
-  a folder of images on the server (needs the builder, i.e. torch; else 501);
+  a labelled image set under the server's classify root, in a child process
+  with a time and a size limit; off unless ``--classify-root`` is given
+  (:mod:`query.classify_jobs`);
 - ``GET /images/{path}``: the atlas's thumbnails, crops and generated samples
   (image files under the atlas's ``images/`` folder only), so that the
   ``thumbnail`` and ``samples`` paths of a record resolve against the server.
 
-Errors are ``{"detail": "<one line>"}``: 400 for a malformed request, 404 for
-an unknown model, layer, unit, route, image or images folder, 422 when a parameter fails its
-declared limits, 501 when searching or classifying is not available on this
-machine (no torch): everything else works without torch.
+The server reads published snapshots of the atlas (:mod:`query.snapshots`),
+never the atlas file itself for longer than a copy, so builds, merges and
+``eval`` can write the atlas while it is served; it serves their writes a
+few seconds later.
+
+Errors are ``{"detail": "<one line>"}`` and never name a server path: 400 for
+a malformed request, 404 for an unknown model, layer, unit, route, image or
+image set, 413 for an image set over the size limit, 422 when a parameter
+fails its declared limits, 501 when searching or classifying is not
+available on this machine (no torch, classify off), 503 while another
+classify runs, 504 when a classify passes the time limit: everything else
+works without torch.
 
 FastAPI and uvicorn are imported inside the functions that need them, so the
 CLI can register ``serve`` (``add_serve_arguments``) without loading them.
 """
 
 import argparse
+import functools
 import ipaddress
 import logging
 import os
 import re
+import signal
 import socket
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +59,7 @@ MAX_QUERY_CHARS = 200
 MAX_NAME_CHARS = 200  # model and layer names in parameters
 MAX_PATH_CHARS = 4096
 MAX_UNIT = 2**31 - 1  # units are INTEGER in the atlas
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, what a shell reports for a SIGTERM
 # Texts must hold a character that str.strip() keeps. Spelled out rather than
 # \S, whose meaning differs between Python, Rust (pydantic) and JSON Schema
 # (ECMA-262) regexes, so that the schema says exactly what the server accepts.
@@ -72,10 +87,19 @@ class SearchUnavailable(AtlasError):
 
 
 def error_status(exc: AtlasError) -> int:
-    """The HTTP status for a library error: 404 when it names a model, layer or
-    unit that does not exist, 501 when searching is not available, else 400."""
+    """The HTTP status for a library error: its own ``http_status`` when it
+    has one (the classify errors), 404 when it names a model, layer or unit
+    that does not exist, 501 when searching is not available, 503 when the
+    atlas stays locked by a writer, else 400."""
+    from query.access import AtlasBusy
+
+    own = getattr(exc, "http_status", None)
+    if isinstance(own, int):
+        return own
     if isinstance(exc, SearchUnavailable):
         return 501
+    if isinstance(exc, AtlasBusy):
+        return 503
     if isinstance(exc, QueryError) and _NOT_FOUND.search(str(exc)):
         return 404
     return 400
@@ -85,40 +109,49 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-class _Readers:
-    """Atlas handles for the server's worker threads.
+@dataclass(frozen=True)
+class ServeOptions:
+    """How ``serve`` treats the atlas and ``/classify``.
 
-    A DuckDB connection must not be used by two threads at once, so each
-    thread reads through its own cursor of one read-only connection. Searches
-    run one at a time on the main handle: the embedder (its tokenizer and the
-    torch thread setting it changes) and the FAISS thread setting are
-    process-wide, and one FAISS index is loaded, not one per thread.
+    ``classify_root``: the folder of labelled image sets ``/classify`` may
+    read (``None``: classify is off); ``classify_timeout`` (seconds) and
+    ``classify_max_images`` bound one classify; ``classify_service`` is the
+    ``module:callable`` running the protocol (default: the ``classify``
+    entry point the builder declares). ``snapshot_dir`` holds the server's
+    copies of the atlas (default: the system's temporary folder);
+    ``refresh`` is how often (seconds) it looks for a changed atlas.
     """
 
-    def __init__(self, atlas_dir: str | os.PathLike[str]) -> None:
-        from query.atlas import Atlas
+    classify_root: str | None = None
+    classify_timeout: float = 300.0
+    classify_max_images: int = 10_000
+    classify_service: str | None = None
+    snapshot_dir: str | None = None
+    refresh: float = 2.0
 
-        self.main = Atlas.open(atlas_dir, read_only=True)
-        self.path = self.main.path
-        self.search_lock = threading.Lock()
-        self.classify_lock = threading.Lock()
-        self._local = threading.local()
-        self._opened: list[Any] = []
-        self._opened_lock = threading.Lock()
 
-    def atlas(self):
-        """This thread's Atlas (a cursor of the main connection)."""
-        from query.atlas import Atlas
+class _Readers:
+    """What the server's requests read: the atlas's snapshots (each thread
+    through its own cursor), the search batcher and the classify jobs."""
 
-        atlas = getattr(self._local, "atlas", None)
-        if atlas is None:
-            with self._opened_lock:
-                if self.main.con is None:
-                    raise AtlasError("the server is shutting down")
-                atlas = Atlas(self.path, self.main.con.cursor(), read_only=True)
-                self._opened.append(atlas)
-            self._local.atlas = atlas
-        return atlas
+    def __init__(self, atlas_dir: str | os.PathLike[str], options: ServeOptions) -> None:
+        from query.batch_search import SearchBatcher
+        from query.classify_jobs import ClassifyJobs, ClassifyLimits
+        from query.plugins import service_spec
+        from query.snapshots import Snapshots
+
+        limits = None
+        if options.classify_root is not None:
+            limits = ClassifyLimits.at(options.classify_root, options.classify_timeout,
+                                       options.classify_max_images)
+        self.snapshots = Snapshots(atlas_dir, options.snapshot_dir, refresh=options.refresh)
+        self.path = self.snapshots.path
+        self.jobs = ClassifyJobs(limits, options.classify_service or service_spec("classify"))
+        self.batcher = SearchBatcher(self.snapshots, self.embedder)
+
+    def meta(self) -> dict[str, Any]:
+        with self.snapshots.use() as snap:
+            return snap.thread_atlas().meta
 
     def embedder(self):
         """The atlas's search embedder, loaded once: its ONNX embedder when it
@@ -130,7 +163,7 @@ class _Readers:
         """
         from query.onnx_embedder import query_embedder
 
-        name = self.main.meta.get("embedder")
+        name = self.meta().get("embedder")
         if not name:
             raise SearchUnavailable("the atlas meta has no 'embedder'; rebuild the atlas")
         try:
@@ -143,40 +176,32 @@ class _Readers:
         """Load the embedder now, so the first search is not slow; when it cannot
         be loaded, say so once and serve everything else."""
         try:
-            with self.search_lock:
-                self.embedder()
+            self.embedder()
         except SearchUnavailable as exc:
             log.warning("%s", exc)
 
     def close(self) -> None:
-        with self._opened_lock:
-            for atlas in self._opened:
-                atlas.close()
-            self._opened.clear()
-            self.main.close()
+        self.jobs.close()
+        self.batcher.close()
+        self.snapshots.close()
 
 
-def create_app(atlas_dir: str | os.PathLike[str], preload: bool = False):
+def create_app(atlas_dir: str | os.PathLike[str], preload: bool = False,
+               options: ServeOptions | None = None):
     """A FastAPI app serving the atlas at ``atlas_dir`` read-only.
 
-    Opens the atlas now, so a bad path raises :class:`query.errors.AtlasNotFound`
-    (or another :class:`AtlasError`) here rather than on the first request;
-    ``preload=True`` also loads the search embedder. The atlas is closed when
-    the app shuts down.
+    Takes the first snapshot of the atlas now, so a bad path raises
+    :class:`query.errors.AtlasNotFound` (or another :class:`AtlasError`) here
+    rather than on the first request; ``preload=True`` also loads the search
+    embedder. ``options`` (:class:`ServeOptions`) sets the classify root and
+    limits and where snapshots go. Everything is closed, and the snapshots
+    deleted, when the app shuts down.
     """
     import contextlib
-    from typing import Annotated
 
-    from fastapi import Body, FastAPI, Query, Request
-    from fastapi import Path as PathParam
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, JSONResponse
-    from pydantic import BaseModel, ConfigDict, Field
-    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from fastapi import FastAPI
 
-    from query.records import LayerInfo, ModelInfo, NeuronRecord, SearchHit
-
-    readers = _Readers(atlas_dir)
+    readers = _Readers(atlas_dir, options or ServeOptions())
     try:
         if preload:
             readers.preload()
@@ -184,37 +209,6 @@ def create_app(atlas_dir: str | os.PathLike[str], preload: bool = False):
     except BaseException:
         readers.close()
         raise
-
-    class Error(BaseModel):
-        """Every error answer: one line saying what is wrong."""
-
-        detail: str
-
-    class ClassifyRequest(BaseModel):
-        """Find neurons that classify ``concept``, scored on the images in the
-        server-side folder ``images``."""
-
-        model_config = ConfigDict(extra="forbid")
-
-        concept: str = Field(min_length=1, max_length=MAX_QUERY_CHARS, pattern=NOT_BLANK,
-                             description="the concept to classify, e.g. 'striped circle'")
-        images: str = Field(min_length=1, max_length=MAX_PATH_CHARS,
-                            description="a folder of labelled images on the server")
-        model: str | None = Field(None, max_length=MAX_NAME_CHARS,
-                                  description="only neurons of this model")
-        layer: str | None = Field(None, max_length=MAX_NAME_CHARS,
-                                  description="only neurons of this layer")
-        k: int = Field(5, ge=1, le=MAX_K, description="how many neurons to return")
-
-    class ApiError(Exception):
-        def __init__(self, status: int, detail: str) -> None:
-            self.status = status
-            self.detail = detail
-
-    def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-        text = {400: "malformed request", 404: "unknown model, layer, unit or file",
-                422: "a parameter is outside its limits", 501: "not available on this server"}
-        return {c: {"model": Error, "description": text[c]} for c in codes}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -231,16 +225,84 @@ def create_app(atlas_dir: str | os.PathLike[str], preload: bool = False):
         lifespan=lifespan,
     )
     app.state.readers = readers
+    app.add_middleware(_HeadAsGet)
+    _add_error_handlers(app, readers)
+    _add_read_routes(app, readers, images_root)
+    _add_classify_route(app, readers)
+    return app
 
-    # -- errors: always {"detail": str}, never a traceback --------------------------
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+class _HeadAsGet:
+    """ASGI middleware: a ``HEAD`` request is answered as its ``GET`` would be,
+    headers only (RFC 9110), wherever a ``GET`` route matches; elsewhere it
+    gets the ``GET``'s 405 or 404."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
+class _ApiError(Exception):
+    def __init__(self, status: int, detail: str) -> None:
+        self.status = status
+        self.detail = detail
+
+
+@functools.cache
+def _error_model():
+    from pydantic import BaseModel
+
+    class Error(BaseModel):
+        """Every error answer: one line saying what is wrong."""
+
+        detail: str
+
+    return Error
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    Error = _error_model()
+    text = {400: "malformed request", 404: "unknown model, layer, unit, file or image set",
+            413: "the image set is over the server's size limit",
+            422: "a parameter is outside its limits", 501: "not available on this server",
+            503: "busy: another classify runs", 504: "the classify passed the server's time limit"}
+    return {c: {"model": Error, "description": text[c]} for c in codes}
+
+
+def _add_error_handlers(app, readers: _Readers) -> None:
+    """Errors are always ``{"detail": str}``: one line, no traceback, no server path."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from query.classify_jobs import scrub_paths
+
+    def answer(detail: str, status: int, headers=None) -> JSONResponse:
+        return JSONResponse({"detail": scrub_paths(detail)},
+                            status_code=status, headers=headers)
+
+    @app.exception_handler(_ApiError)
+    async def _api_error(request: Request, exc: _ApiError) -> JSONResponse:
+        return answer(exc.detail, exc.status)
 
     @app.exception_handler(AtlasError)
     async def _atlas_error(request: Request, exc: AtlasError) -> JSONResponse:
-        return JSONResponse({"detail": _one_line(exc)}, status_code=error_status(exc))
+        status = error_status(exc)
+        return answer(_one_line(exc), status, {"Retry-After": "5"} if status == 503 else None)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -250,25 +312,33 @@ def create_app(atlas_dir: str | os.PathLike[str], preload: bool = False):
             where = ".".join(loc)
             parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else
                          str(err.get("msg", "invalid")))
-        return JSONResponse({"detail": "; ".join(parts) or "invalid request"}, status_code=422)
+        return answer("; ".join(parts) or "invalid request", 422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return answer(str(exc.detail), exc.status_code, getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
         log.exception("internal error on %s %s", request.method, request.url.path)
         return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
 
-    # -- endpoints -------------------------------------------------------------------
+
+def _add_read_routes(app, readers: _Readers, images_root: Path) -> None:
+    import asyncio
+    from typing import Annotated
+
+    from fastapi import Path as PathParam
+    from fastapi import Query
+    from fastapi.responses import FileResponse
+
+    from query.records import LayerInfo, ModelInfo, NeuronRecord, SearchHit
 
     Name = Annotated[str | None, Query(max_length=MAX_NAME_CHARS)]
 
-    @app.get("/search", response_model=list[SearchHit], responses=errors(400, 404, 422, 501),
+    @app.get("/search", response_model=list[SearchHit], responses=_errors(400, 404, 422, 501),
              summary="neurons whose labels match a text concept, best first")
-    def search(
+    async def search(
         q: Annotated[str, Query(min_length=1, max_length=MAX_QUERY_CHARS, pattern=NOT_BLANK,
                                 description="the concept, e.g. 'striped circle'")],
         k: Annotated[int, Query(ge=1, le=MAX_K, description="how many neurons")] = 10,
@@ -279,23 +349,25 @@ def create_app(atlas_dir: str | os.PathLike[str], preload: bool = False):
         min_fidelity: Annotated[float | None, Query(ge=-1.0, le=1.0, description=(
             "only labels whose fidelity correlation is at least this"))] = None,
     ) -> list[SearchHit]:
-        with readers.search_lock:
-            readers.embedder()  # 501 when it cannot load, before blaming the query
-            return readers.main.search(q, k=k, model=model, layer=layer, min_fidelity=min_fidelity)
+        # answered in the batcher's next round, with every other search waiting
+        return await asyncio.wrap_future(readers.batcher.submit(
+            q, k=k, model=model, layer=layer, min_fidelity=min_fidelity))
 
     @app.get("/models", response_model=list[ModelInfo], summary="the target models")
     def models() -> list[ModelInfo]:
-        return readers.atlas().models()
+        with readers.snapshots.use() as snap:
+            return snap.thread_atlas().models()
 
-    @app.get("/layers", response_model=list[LayerInfo], responses=errors(404, 422),
+    @app.get("/layers", response_model=list[LayerInfo], responses=_errors(404, 422),
              summary="layers with neuron counts per status")
     def layers(model: Name = None) -> list[LayerInfo]:
-        return readers.atlas().layers(model)
+        with readers.snapshots.use() as snap:
+            return snap.thread_atlas().layers(model)
 
     # {layer:path} so that a layer name may hold slashes as well as dots; the
     # unit is the last segment.
     @app.get("/neurons/{model}/{layer:path}/{unit}", response_model=NeuronRecord,
-             responses=errors(400, 404, 422),
+             responses=_errors(400, 404, 422),
              summary="everything the atlas knows about one neuron")
     def neuron(
         model: Annotated[str, PathParam(max_length=MAX_NAME_CHARS)],
@@ -303,47 +375,61 @@ def create_app(atlas_dir: str | os.PathLike[str], preload: bool = False):
                                         description="layer name, e.g. layer4.0.conv2")],
         unit: Annotated[int, PathParam(ge=0, le=MAX_UNIT)],
     ) -> NeuronRecord:
-        return readers.atlas().neuron(model, layer, unit)
-
-    @app.post("/classify", response_model=dict[str, Any], responses=errors(400, 404, 422, 501),
-              summary="neurons usable as zero-training classifiers of a concept")
-    def classify(request: Annotated[ClassifyRequest, Body()]) -> dict[str, Any]:
-        from query.plugins import service
-
-        try:
-            run_classify = service("classify")
-        except ImportError as exc:
-            raise ApiError(501, f"classify needs the builder and torch: {_one_line(exc)}")
-        if run_classify is None:
-            raise ApiError(501, "classify is not installed on this server (pip install 'dnd-atlas[build]')")
-        images = Path(request.images)  # literal: no ~ expansion on the server
-        try:
-            is_dir = images.is_dir()
-        except (OSError, ValueError):
-            is_dir = False
-        if not is_dir:
-            raise ApiError(404, f"no folder of images at {request.images!r} on the server")
-        try:
-            with readers.classify_lock:
-                result = run_classify(readers.path, request.concept, images,
-                                      model=request.model, layer=request.layer, k=request.k)
-        except ImportError as exc:  # torch imported lazily inside
-            raise ApiError(501, f"classify needs the builder and torch: {_one_line(exc)}")
-        return result.to_dict()
+        with readers.snapshots.use() as snap:
+            return snap.thread_atlas().neuron(model, layer, unit)
 
     @app.get("/images/{path:path}", response_class=FileResponse,
              responses={200: {"content": {t: {} for t in sorted(set(IMAGE_TYPES.values()))},
-                              "description": "the image file"}, **errors(404)},
+                              "description": "the image file"}, **_errors(404)},
              summary="an image of the atlas (thumbnail, crop, generated sample)")
     def image(path: Annotated[str, PathParam(max_length=MAX_PATH_CHARS)]) -> FileResponse:
         file = _image_file(images_root, path)
         if file is None:
-            raise ApiError(404, f"no image {path!r} in the atlas")
+            raise _ApiError(404, f"no image {path!r} in the atlas")
         return FileResponse(file, media_type=IMAGE_TYPES[file.suffix.lower()],
                             headers={"X-Content-Type-Options": "nosniff",
                                      "Cache-Control": "public, max-age=3600"})
 
-    return app
+
+def _add_classify_route(app, readers: _Readers) -> None:
+    import asyncio
+    from typing import Annotated
+
+    from fastapi import Body, Request
+    from pydantic import BaseModel, ConfigDict, Field
+
+    from query.classify_jobs import scrub_paths
+
+    class ClassifyRequest(BaseModel):
+        """Find neurons that classify ``concept``, scored on the labelled image
+        set ``images`` (a folder under the server's classify root)."""
+
+        model_config = ConfigDict(extra="forbid")
+
+        concept: str = Field(min_length=1, max_length=MAX_QUERY_CHARS, pattern=NOT_BLANK,
+                             description="the concept to classify, e.g. 'striped circle'")
+        images: str = Field(min_length=1, max_length=MAX_PATH_CHARS,
+                            description="a labelled image set: a folder under the server's "
+                                        "classify root, named relative to it (one sub-folder "
+                                        "per class)")
+        model: str | None = Field(None, max_length=MAX_NAME_CHARS,
+                                  description="only neurons of this model")
+        layer: str | None = Field(None, max_length=MAX_NAME_CHARS,
+                                  description="only neurons of this layer")
+        k: int = Field(5, ge=1, le=MAX_K, description="how many neurons to return")
+
+    @app.post("/classify", response_model=dict[str, Any],
+              responses=_errors(400, 404, 413, 422, 501, 503, 504),
+              summary="neurons usable as zero-training classifiers of a concept")
+    async def classify(body: Annotated[ClassifyRequest, Body()], request: Request) -> dict[str, Any]:
+        folder = await asyncio.to_thread(readers.jobs.image_set, body.images)
+        with readers.snapshots.use() as snap:
+            result = await readers.jobs.run(snap.folder, body.concept, folder, body.model,
+                                            body.layer, body.k, request.is_disconnected)
+        result = scrub_paths(result)  # errors are scrubbed by the error handlers
+        if isinstance(result, dict):
+            result.update(atlas=readers.path.name, images=body.images)
+        return result
 
 
 def _image_file(root: Path, relative: str) -> Path | None:
@@ -388,15 +474,48 @@ def _port(value: str) -> int:
     return port
 
 
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {value}")
+    return seconds
+
+
+def _count(value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {count}")
+    return count
+
+
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """Declare ``dnd-atlas serve``'s arguments (imports nothing heavy)."""
+    d = ServeOptions()
     p.add_argument("atlas", help="atlas directory (or its atlas.duckdb)")
     p.add_argument("--host", default=DEFAULT_HOST,
                    help=f"address to listen on (default {DEFAULT_HOST}, this machine only; "
-                        "another address exposes the atlas and /classify, which reads "
-                        "server folders, to the network)")
+                        "another address exposes the atlas, and /classify when it is on, "
+                        "to the network)")
     p.add_argument("--port", type=_port, default=DEFAULT_PORT,
                    help=f"port to listen on (default {DEFAULT_PORT}; 0 picks a free one)")
+    p.add_argument("--classify-root", metavar="DIR", default=None,
+                   help="turn POST /classify on: requests name labelled image sets by their "
+                        "path relative to DIR, and nothing outside DIR is read (default: off)")
+    p.add_argument("--classify-timeout", metavar="S", type=_seconds, default=d.classify_timeout,
+                   help=f"stop a classify after S seconds (default {d.classify_timeout:g})")
+    p.add_argument("--classify-max-images", metavar="N", type=_count, default=d.classify_max_images,
+                   help=f"refuse image sets of more than N images (default {d.classify_max_images})")
+    p.add_argument("--snapshot-dir", metavar="DIR", default=None,
+                   help="where the server keeps its copies of the atlas database (default: the "
+                        "system's temporary folder; they need the database's size)")
+    p.add_argument("--refresh", metavar="S", type=_seconds, default=d.refresh,
+                   help=f"look for a changed atlas every S seconds (default {d.refresh:g})")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -428,11 +547,26 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+class _Terminated(Exception):
+    """SIGTERM arrived (raised by the handler :func:`run_serve` installs)."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def run_serve(args: argparse.Namespace) -> int:
-    """Serve the atlas until interrupted; returns the exit status."""
+    """Serve the atlas until stopped; returns the exit status: 0 when uvicorn
+    stops by itself, 143 after SIGTERM. Ctrl-C (SIGINT) raises
+    KeyboardInterrupt once uvicorn has shut down gracefully, which the CLI
+    turns into status 130."""
     import uvicorn
 
-    app = create_app(args.atlas, preload=True)
+    options = ServeOptions(
+        classify_root=args.classify_root, classify_timeout=args.classify_timeout,
+        classify_max_images=args.classify_max_images, snapshot_dir=args.snapshot_dir,
+        refresh=args.refresh)
+    app = create_app(args.atlas, preload=True, options=options)
     try:
         sock = bind(args.host, args.port)
     except BaseException:
@@ -441,16 +575,26 @@ def run_serve(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     if not _is_loopback(args.host):
-        log.warning("listening on %s: anyone who can reach it can read the atlas and "
-                    "classify images in folders of this machine", args.host)
+        log.warning("listening on %s: anyone who can reach it can read the atlas%s", args.host,
+                    " and classify the image sets under the classify root"
+                    if args.classify_root else "")
     print(f"serving {app.state.readers.path} on http://{shown}:{port} "
           f"(API docs: http://{shown}:{port}/docs; Ctrl-C stops)", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level="info", access_log=True, lifespan="on")
+    # uvicorn shuts down gracefully on SIGINT and SIGTERM, then raises the
+    # signal again with the handler it found: KeyboardInterrupt for SIGINT,
+    # _Terminated for SIGTERM.
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
         uvicorn.Server(config).run(sockets=[sock])
-    except KeyboardInterrupt:
-        # uvicorn shuts down gracefully on Ctrl-C, then raises the signal again.
-        pass
+    except _Terminated:
+        return EXIT_TERMINATED
     finally:
         sock.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()

@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from query.dberrors import connect_writable, deferred_interrupt
+from query.access import connect_writable
+from query.dberrors import deferred_interrupt
 from query.errors import AtlasError
 from query.index import insert_label_vectors
 from query.schema import DB_FILE, IMAGES_DIR, label_id, migrate
@@ -87,17 +88,57 @@ _NEURON_TABLES = ("neurons", "labels", "candidates", "evidence", "call_counts")
 
 
 class AtlasWriter:
-    """An atlas opened for writing (creating and migrating it if needed)."""
+    """An atlas opened for writing (creating and migrating it if needed).
+
+    DuckDB lets no other process open a file a writer holds, so a writer
+    holds it only while it writes: :meth:`release` closes the connection
+    (a build calls it between chunks, so ``search``, ``serve`` and ``eval``
+    get in), and the next use of :attr:`con` opens it again, waiting while
+    another process holds it (:func:`query.access.connect`).
+    """
 
     def __init__(self, atlas_dir: str | Path) -> None:
         self.dir = Path(atlas_dir)
-        # one-line errors and Ctrl-C held during every statement (query.dberrors)
-        self.con = connect_writable(self.dir, self.dir / DB_FILE, self.dir / IMAGES_DIR)
+        self._con = None
+        self._connect()
+
+    @property
+    def con(self):
+        """The connection (one-line errors, Ctrl-C held during every
+        statement: :mod:`query.dberrors`), opened again after :meth:`release`."""
+        if self._con is None:
+            self._connect()
+        return self._con
+
+    def _connect(self) -> None:
+        # waits (bounded) while another process holds the file: query.access
+        con = connect_writable(self.dir, self.dir / DB_FILE, self.dir / IMAGES_DIR)
         try:
-            migrate(self.con)
+            migrate(con)
         except BaseException:
-            self.con.close()
+            con.close()
             raise
+        self._con = con
+
+    def release(self) -> None:
+        """Checkpoint and close the connection until the next write, so that
+        other processes can open the atlas meanwhile (idempotent). The
+        connection is closed even when the checkpoint fails (a full disk):
+        the write-ahead log keeps every committed neuron for the next open.
+        While another error is on its way out (``finally``), a failed
+        checkpoint is only logged, so that error is the one reported."""
+        con, self._con = self._con, None
+        if con is None:
+            return
+        pending = sys.exc_info()[1]
+        try:
+            con.execute("CHECKPOINT")
+        except AtlasError as exc:
+            if pending is None:
+                raise
+            log.info("atlas checkpoint failed while stopping on an error: %s", exc)
+        finally:
+            con.close()
 
     # -- meta, models, layers ------------------------------------------------
     def meta(self) -> dict[str, Any]:
@@ -295,20 +336,8 @@ class AtlasWriter:
         self.con.execute("CHECKPOINT")
 
     def close(self) -> None:
-        """Checkpoint and close. The connection is closed even when the
-        checkpoint fails (a full disk): the write-ahead log keeps every
-        committed neuron for the next open. Closing while another error is
-        on its way out (``finally``), a failed checkpoint is only logged, so
-        that error is the one reported."""
-        pending = sys.exc_info()[1]
-        try:
-            self.con.execute("CHECKPOINT")
-        except AtlasError as exc:
-            if pending is None:
-                raise
-            log.info("atlas checkpoint failed while stopping on an error: %s", exc)
-        finally:
-            self.con.close()
+        """Checkpoint and close (see :meth:`release`)."""
+        self.release()
 
     def __enter__(self) -> AtlasWriter:
         return self

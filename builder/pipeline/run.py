@@ -97,6 +97,7 @@ def _build_model(
     cfg: BuildConfig, m: ModelConfig, labeler: Labeler, writer: AtlasWriter, cache: ContentCache, embedder,
 ) -> ModelSummary:
     stats = ModelSummary(m.name)
+    writer.release()  # loading and recording take long: let other processes read meanwhile
     with stats.timed("load"):
         run = load_model(cfg, m, cache, writer.dir / "images")
     with stats.timed("record"):
@@ -119,6 +120,7 @@ def _build_model(
     try:
         fid = None
         if live and cfg.fidelity.enabled:
+            writer.release()  # the sample is captioned first: readers get in meanwhile
             with stats.timed("fidelity"):
                 fid = labeler.fidelity_sample(run, rec)
         if live:
@@ -154,12 +156,14 @@ def _label(
     bar = progress(total=len(live), desc=f"{labeler.name} {run.name}", unit="neuron")
     sample_calls = fid.calls if fid is not None else None
     try:
+        writer.release()  # the labeler computes a chunk before it yields it: readers get in then
         for results in labeler.label(run, rec, live, stats, fid):
             if sample_calls is not None and results:  # the sample's captions, charged to the first neuron
                 results[0].calls[FIDELITY_STAGE] = sample_calls
                 sample_calls = None
             with stats.timed(labeler.write_stage):
                 writer.write_neurons(with_label_vectors(results, embedder))
+                writer.release()
             for r in results:
                 stats.tally(r.calls)
             stats.neurons += len(results)

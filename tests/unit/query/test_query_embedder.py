@@ -82,15 +82,14 @@ def test_a_damaged_onnx_embedder_is_a_one_line_error(carrying, capsys):
 
 
 def test_the_server_searches_with_the_carried_embedder(carrying):
-    from query.server import _Readers
+    from query.server import ServeOptions, _Readers
 
-    readers = _Readers(carrying)
+    readers = _Readers(carrying, ServeOptions())
     try:
         assert isinstance(readers.embedder(), OnnxEmbedder)
-        assert readers.main.search("dog", k=1)[0].matched_label == "dog face"
+        assert readers.batcher.submit("dog", k=1).result(timeout=60)[0].matched_label == "dog face"
     finally:
         readers.close()
-        readers.main.close()
 
 
 def test_hits_difference_allows_reordered_ties_only():
