@@ -31,6 +31,7 @@ from query.records import (
     NeuronRecord,
     SearchHit,
 )
+from query.search import IndexSearcher, LabelMap, group_by_neuron
 from query.schema import (
     COUNTED_STAGES,
     DB_FILE,
@@ -119,6 +120,8 @@ class Atlas:
         self._meta: dict[str, Any] | None = None
         self._index: Any = None
         self._index_checked = False
+        self._labels: LabelMap | None = None
+        self._index_searcher: IndexSearcher | None = None
 
     # -- opening -----------------------------------------------------------------
 
@@ -170,6 +173,8 @@ class Atlas:
             self.con.close()
             self.con = None  # type: ignore[assignment]
         self._index = None
+        self._labels = None
+        self._index_searcher = None
 
     def __enter__(self) -> Atlas:
         return self
@@ -352,6 +357,7 @@ class Atlas:
                 self._resolve_layer(None, layer)  # raises, listing the valid layers
 
         query = self._embed_query(text.strip())
+        lmap = self._label_map()
         index = self._search_index()
         if index is not None:
             if index.d != query.shape[0]:
@@ -359,13 +365,13 @@ class Atlas:
                     f"{INDEX_FILE} has {index.d} dimensions but embedder "
                     f"{self.meta.get('embedder')!r} gives {query.shape[0]}; rebuild the index"
                 )
-            total = index.ntotal
+            searcher = self._searcher(index, lmap)
+            allowed = searcher.filter(model, layer)
+            total = allowed.count
 
             def nearest(n: int) -> tuple[np.ndarray, np.ndarray]:
                 with _faiss_threads(1):
-                    sims, ids = index.search(query[None, :], n)
-                keep = ids[0] >= 0
-                return ids[0][keep], sims[0][keep]
+                    return searcher.nearest(query, allowed, n)
         else:
             # Filter before ranking: exact search over the neurons that qualify.
             ids, vecs = read_label_vectors(self.con, *ok_labels_filter(model, layer))
@@ -376,13 +382,14 @@ class Atlas:
                 )
             all_sims = vecs @ query if len(ids) else np.zeros(0, dtype=np.float32)
             order = np.argsort(-all_sims, kind="stable")
+            rows = lmap.rows(ids)
             total = len(ids)
 
             def nearest(n: int) -> tuple[np.ndarray, np.ndarray]:
                 top = order[:n]
-                return ids[top], all_sims[top]
+                return rows[top], all_sims[top]
 
-        return self._rank(nearest, total, k, model, layer)
+        return self._rank(nearest, total, k, lmap)
 
     def _embed_query(self, text: str) -> np.ndarray:
         from query.embedder import get_embedder
@@ -397,11 +404,11 @@ class Atlas:
         if self._index_checked:
             return self._index
         self._index_checked = True
-        n_labels = self._rows("SELECT count(*) AS n FROM labels")[0]["n"]
+        n_labels = len(self._label_map())
         if not (self.path / INDEX_FILE).is_file():
             log.warning("%s is missing; using exact search over label_vectors", INDEX_FILE)
             return None
-        index = load_index(self.path)
+        index = load_index(self.path, self.meta.get("index_params") or None)
         if index.ntotal != n_labels:
             log.warning(
                 "%s holds %d vectors but the atlas has %d labels (stale index); "
@@ -411,66 +418,51 @@ class Atlas:
         self._index = index
         return index
 
+    def _label_map(self) -> LabelMap:
+        """Every label in memory (loaded on the first search; one query)."""
+        if self._labels is None:
+            if self.con is None:
+                raise AtlasError("the atlas is closed")
+            self._labels = LabelMap.load(self.con)
+        return self._labels
+
+    def _searcher(self, index: Any, lmap: LabelMap) -> IndexSearcher:
+        if self._index_searcher is None:
+            self._index_searcher = IndexSearcher(index, lmap)
+        return self._index_searcher
+
     def _rank(
         self,
         nearest: Callable[[int], tuple[np.ndarray, np.ndarray]],
         total: int,
         k: int,
-        model: str | None,
-        layer: str | None,
+        lmap: LabelMap,
     ) -> list[SearchHit]:
-        """Group the nearest labels per neuron, over-fetching until ``k`` neurons qualify."""
+        """Group the nearest qualifying labels per neuron. ``nearest(n)`` returns
+        only qualifying labels, so 3k of them hold k neurons (a neuron has at
+        most 3 labels); fetch more only if they do not."""
         if total == 0:
             return []
-        where, params = ok_labels_filter(model, layer)
-        n = min(total, max(3 * k, 32))  # up to 3 labels per neuron
+        n = min(total, 3 * k)
         while True:
-            ids, sims = nearest(n)
-            rows = self._rows(
-                "SELECT l.label_id, l.model, l.layer, l.unit, l.text FROM labels l "
-                "JOIN neurons n ON n.model = l.model AND n.layer = l.layer AND n.unit = l.unit "
-                f"WHERE l.label_id IN (SELECT unnest(?::BIGINT[])) AND {where}",
-                [ids.tolist(), *params],
-            )
-            by_id = {r["label_id"]: r for r in rows}
-            best: dict[tuple[str, str, int], tuple[float, str]] = {}
-            for label_id, sim in zip(ids.tolist(), sims.tolist()):
-                r = by_id.get(label_id)
-                if r is None:
-                    continue
-                key = (r["model"], r["layer"], r["unit"])
-                if key not in best:  # labels arrive best first
-                    best[key] = (float(sim), r["text"])
+            rows, sims = nearest(n)
+            best = group_by_neuron(lmap, rows, sims, k)
             if len(best) >= k or n >= total:
                 break
             n = min(total, n * 2)
-        top = list(best.items())[:k]
-        return self._hits(top)
+        return [self._hit(lmap, row, sim) for row, sim in best]
 
-    def _hits(self, top: list[tuple[tuple[str, str, int], tuple[float, str]]]) -> list[SearchHit]:
-        if not top:
-            return []
-        keys = [f"{m}\x00{l}\x00{u}" for (m, l, u), _ in top]
-        rows = self._rows(
-            "SELECT model, layer, unit, rank, text, concept_score FROM labels "
-            "WHERE model || chr(0) || layer || chr(0) || unit::VARCHAR IN (SELECT unnest(?::VARCHAR[])) "
-            "ORDER BY model, layer, unit, rank",
-            [keys],
+    @staticmethod
+    def _hit(lmap: LabelMap, row: int, sim: float) -> SearchHit:
+        model, layer, unit = lmap.key(row)
+        own = lmap.neuron_rows(row)
+        first = next((r for r in own if lmap.rank[r] == 1), None)
+        score = None if first is None or np.isnan(lmap.score[first]) else float(lmap.score[first])
+        return SearchHit(
+            model=model, layer=layer, unit=unit,
+            labels=[lmap.text[r].as_py() for r in own],
+            score=score, similarity=sim, matched_label=lmap.text[row].as_py(),
         )
-        labels: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
-        for r in rows:
-            labels.setdefault((r["model"], r["layer"], r["unit"]), []).append(r)
-        hits = []
-        for key, (sim, matched) in top:
-            own = labels.get(key, [])
-            first = next((r for r in own if r["rank"] == 1), None)
-            hits.append(SearchHit(
-                model=key[0], layer=key[1], unit=key[2],
-                labels=[r["text"] for r in own],
-                score=first["concept_score"] if first else None,
-                similarity=sim, matched_label=matched,
-            ))
-        return hits
 
     # -- overview ----------------------------------------------------------------
 

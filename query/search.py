@@ -1,0 +1,228 @@
+"""The parts of :meth:`query.atlas.Atlas.search` that must stay fast at a million labels.
+
+Per query, search does no SQL: the FAISS index returns label ids of qualifying
+labels only (an ID selector applies the status and model/layer filters inside
+FAISS), and a :class:`LabelMap`, loaded from DuckDB once per open atlas with
+one query, maps them to neurons and gives every hit's labels. Measured on a
+1M-label atlas (bench/search.py) the SQL it replaces (a join of the hits with
+``neurons``, then the hits' labels by a string key) cost 200-500 ms per query,
+since DuckDB scans both tables for it; the map costs ~0.5 s and ~70 MB once.
+
+Filtered searches over an IVF index probe more lists the more selective the
+filter is (:func:`filtered_nprobe`), so they scan as many qualifying vectors
+as an unfiltered search; a filter selecting fewer than ``nprobe / nlist`` of
+the labels probes every list, which is exact search over the filtered labels.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+log = logging.getLogger(__name__)
+
+FILTER_CACHE = 8  # filters whose masks and FAISS selectors are kept per open atlas
+
+_LOAD_SQL = """
+    SELECT l.label_id, l.model, l.layer, l.unit, l.rank, l.text, l.concept_score,
+           coalesce(n.status = 'ok', false) AS ok
+    FROM labels l
+    LEFT JOIN neurons n ON n.model = l.model AND n.layer = l.layer AND n.unit = l.unit
+    ORDER BY l.model, l.layer, l.unit, l.rank
+"""
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """Every label of an atlas in memory, rows in (model, layer, unit, rank) order.
+
+    ``model`` and ``layer`` are codes into ``models`` / ``layers``; ``ok`` says
+    whether the label's neuron has status 'ok'; ``neuron`` numbers the neurons
+    and ``neuron_start[i]:neuron_start[i + 1]`` are neuron ``i``'s rows.
+    ``sorted_ids`` / ``sorted_rows`` find the row of a label id.
+    """
+
+    label_ids: np.ndarray
+    model: np.ndarray
+    models: tuple[str, ...]
+    layer: np.ndarray
+    layers: tuple[str, ...]
+    unit: np.ndarray
+    rank: np.ndarray
+    score: np.ndarray
+    ok: np.ndarray
+    text: pa.Array
+    neuron: np.ndarray
+    neuron_start: np.ndarray
+    sorted_ids: np.ndarray
+    sorted_rows: np.ndarray
+
+    @classmethod
+    def load(cls, con: duckdb.DuckDBPyConnection) -> LabelMap:
+        """Read the labels (with their neurons' status) in one query."""
+        cur = con.cursor()  # a result the caller left unfinished on ``con`` must not block this
+        try:
+            table = cur.sql(_LOAD_SQL).to_arrow_table()
+        finally:
+            cur.close()
+        model, models = _codes(table.column("model"))
+        layer, layers = _codes(table.column("layer"))
+        unit = table.column("unit").to_numpy().astype(np.int64)
+        n = table.num_rows
+        change = np.ones(n, dtype=bool)
+        if n:
+            change[1:] = (model[1:] != model[:-1]) | (layer[1:] != layer[:-1]) | (unit[1:] != unit[:-1])
+        neuron = (np.cumsum(change) - 1).astype(np.int32)
+        ids = table.column("label_id").to_numpy().astype(np.int64)
+        order = np.argsort(ids, kind="stable")
+        score = pc.fill_null(table.column("concept_score").cast(pa.float64()), math.nan)
+        return cls(
+            label_ids=ids, model=model, models=models, layer=layer, layers=layers, unit=unit,
+            rank=table.column("rank").to_numpy().astype(np.int16),
+            score=score.to_numpy(), ok=table.column("ok").to_numpy(zero_copy_only=False),
+            text=table.column("text").combine_chunks(), neuron=neuron,
+            neuron_start=np.append(np.flatnonzero(change), n).astype(np.int64),
+            sorted_ids=ids[order], sorted_rows=order.astype(np.int64),
+        )
+
+    def __len__(self) -> int:
+        return len(self.label_ids)
+
+    def rows(self, label_ids: np.ndarray) -> np.ndarray:
+        """The row of each label id, -1 for ids the atlas does not hold."""
+        ids = np.asarray(label_ids, dtype=np.int64)
+        if not len(self.sorted_ids):
+            return np.full(len(ids), -1, dtype=np.int64)
+        at = np.minimum(np.searchsorted(self.sorted_ids, ids), len(self.sorted_ids) - 1)
+        return np.where(self.sorted_ids[at] == ids, self.sorted_rows[at], -1)
+
+    def mask(self, model: str | None, layer: str | None) -> np.ndarray:
+        """Rows of 'ok' neurons, of ``model`` and ``layer`` when given."""
+        mask = self.ok.copy()
+        for value, names, codes in ((model, self.models, self.model), (layer, self.layers, self.layer)):
+            if value is not None:
+                mask &= codes == (names.index(value) if value in names else -1)
+        return mask
+
+    def key(self, row: int) -> tuple[str, str, int]:
+        """``(model, layer, unit)`` of a row."""
+        return self.models[self.model[row]], self.layers[self.layer[row]], int(self.unit[row])
+
+    def neuron_rows(self, row: int) -> range:
+        """The rows of the neuron that ``row`` belongs to, in rank order."""
+        i = self.neuron[row]
+        return range(int(self.neuron_start[i]), int(self.neuron_start[i + 1]))
+
+
+def _codes(column: pa.ChunkedArray) -> tuple[np.ndarray, tuple[str, ...]]:
+    encoded = pc.dictionary_encode(column).combine_chunks()
+    return (encoded.indices.to_numpy(zero_copy_only=False).astype(np.int32),
+            tuple(encoded.dictionary.to_pylist()))
+
+
+def group_by_neuron(lmap: LabelMap, rows: np.ndarray, sims: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The first row of each neuron, in the given (best first) order, up to ``k``."""
+    seen: set[int] = set()
+    best: list[tuple[int, float]] = []
+    for row, sim in zip(rows.tolist(), sims.tolist()):
+        if row < 0:
+            continue
+        nid = int(lmap.neuron[row])
+        if nid not in seen:
+            seen.add(nid)
+            best.append((row, float(sim)))
+            if len(best) == k:
+                break
+    return best
+
+
+def filtered_nprobe(nprobe: int, nlist: int, total: int, selected: int) -> int:
+    """Lists to probe when ``selected`` of ``total`` vectors qualify: ``nprobe``
+    scaled by ``total / selected``, so the probed lists hold about as many
+    qualifying vectors as an unfiltered search scans; all lists (exact search
+    over the qualifying vectors) when the filter is that selective."""
+    if selected <= 0:
+        return nlist
+    return min(nlist, max(nprobe, math.ceil(nprobe * total / selected)))
+
+
+@dataclass(frozen=True)
+class _Filter:
+    mask: np.ndarray
+    count: int
+    selector: Any  # a FAISS IDSelector, or None when every label qualifies
+    keep: tuple[Any, ...]  # FAISS objects the selector points to
+
+
+class IndexSearcher:
+    """Nearest qualifying labels of a loaded FAISS index (flat or IVF).
+
+    Masks and selectors are cached per (model, layer) filter: building a
+    selector over 250k ids takes tens of milliseconds, the search one or two.
+    """
+
+    def __init__(self, index: Any, lmap: LabelMap) -> None:
+        import faiss
+
+        self.index = index
+        self.lmap = lmap
+        self.ivf = faiss.try_extract_index_ivf(index)
+        self._filters: OrderedDict[tuple[str | None, str | None], _Filter] = OrderedDict()
+
+    def filter(self, model: str | None, layer: str | None) -> _Filter:
+        """The cached mask and FAISS selector of the labels a search may return."""
+        key = (model, layer)
+        if key in self._filters:
+            self._filters.move_to_end(key)
+            return self._filters[key]
+        f = self._make_filter(self.lmap.mask(model, layer))
+        self._filters[key] = f
+        if len(self._filters) > FILTER_CACHE:
+            self._filters.popitem(last=False)
+        return f
+
+    def _make_filter(self, mask: np.ndarray) -> _Filter:
+        import faiss
+
+        count = int(mask.sum())
+        if count == len(mask) and self.index.ntotal == len(mask):
+            return _Filter(mask, count, None, ())
+        if count <= len(mask) // 2:
+            batch = faiss.IDSelectorBatch(np.ascontiguousarray(self.lmap.label_ids[mask]))
+            return _Filter(mask, count, batch, (batch,))
+        # Most labels qualify: select by exclusion (a smaller id set to hash).
+        batch = faiss.IDSelectorBatch(np.ascontiguousarray(self.lmap.label_ids[~mask]))
+        return _Filter(mask, count, faiss.IDSelectorNot(batch), (batch,))
+
+    def nearest(self, query: np.ndarray, f: _Filter, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows, sims)`` of the ``n`` best qualifying labels (fewer when fewer
+        qualify), best first. An IVF search that finds fewer than it should
+        (too few qualifying vectors in the probed lists) probes twice as many."""
+        import faiss
+
+        n = min(n, f.count)
+        if n <= 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        x = np.ascontiguousarray(query[None, :], dtype=np.float32)
+        if self.ivf is None:
+            params = faiss.SearchParameters(sel=f.selector) if f.selector is not None else None
+            sims, ids = self.index.search(x, n, params=params)
+        else:
+            nlist = self.ivf.nlist
+            nprobe = filtered_nprobe(self.ivf.nprobe, nlist, self.index.ntotal, f.count)
+            while True:
+                params = faiss.SearchParametersIVF(sel=f.selector, nprobe=nprobe)
+                sims, ids = self.index.search(x, n, params=params)
+                if nprobe >= nlist or int((ids[0] >= 0).sum()) >= n:
+                    break
+                nprobe = min(nlist, 2 * nprobe)
+        keep = ids[0] >= 0
+        return self.lmap.rows(ids[0][keep]), sims[0][keep]
