@@ -11,8 +11,8 @@ import sys
 
 from bench import cost, gpu_shapes, pipeline, recording, search, site
 
-BENCHES = {"recording": recording.run, "search": search.run, "pipeline": pipeline.run, "cost": cost.run,
-           "site": site.run, "gpu_shapes": gpu_shapes.run}
+BENCHES = {"recording": recording.run, "search": search.run, "search_1m": search.run_large,
+           "pipeline": pipeline.run, "cost": cost.run, "site": site.run, "gpu_shapes": gpu_shapes.run}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,6 @@ from query.records import (
     NeuronRecord,
     SearchHit,
 )
-from query.search import IndexSearcher, LabelMap, group_by_neuron
 from query.schema import (
     COUNTED_STAGES,
     DB_FILE,
@@ -41,6 +40,7 @@ from query.schema import (
     current_version,
     migrate,
 )
+from query.search import IndexSearcher, LabelMap, group_by_neuron
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,7 @@ class Atlas:
         self._index_checked = False
         self._labels: LabelMap | None = None
         self._index_searcher: IndexSearcher | None = None
+        self._filter_names: tuple[set[str], set[tuple[str, str]], set[str]] | None = None
 
     # -- opening -----------------------------------------------------------------
 
@@ -347,15 +348,7 @@ class Atlas:
             raise QueryError("empty search query")
         if not isinstance(k, int) or k < 1:
             raise QueryError(f"k must be a positive integer, got {k!r}")
-        if model is not None and layer is not None:
-            self._resolve_layer(model, layer)
-        elif model is not None:
-            self._check_model(model)
-        elif layer is not None:
-            known = self._rows("SELECT 1 FROM layers WHERE layer = ? LIMIT 1", [layer])
-            if not known:
-                self._resolve_layer(None, layer)  # raises, listing the valid layers
-
+        self._check_search_filter(model, layer)
         query = self._embed_query(text.strip())
         lmap = self._label_map()
         index = self._search_index()
@@ -390,6 +383,22 @@ class Atlas:
                 return rows[top], all_sims[top]
 
         return self._rank(nearest, total, k, lmap)
+
+    def _check_search_filter(self, model: str | None, layer: str | None) -> None:
+        """Raise :class:`QueryError` for an unknown model or layer (names cached
+        once per open atlas: a server checks them on every query)."""
+        if self._filter_names is None:
+            pairs = {(r["model"], r["layer"]) for r in self._rows("SELECT model, layer FROM layers")}
+            self._filter_names = (set(self._model_names()), pairs, {la for _, la in pairs})
+        models, pairs, layers = self._filter_names
+        if model is not None and layer is not None:
+            if (model, layer) not in pairs:
+                self._resolve_layer(model, layer)  # raises, listing the valid choices
+        elif model is not None:
+            if model not in models:
+                self._check_model(model)
+        elif layer is not None and layer not in layers:
+            self._resolve_layer(None, layer)
 
     def _embed_query(self, text: str) -> np.ndarray:
         from query.embedder import get_embedder

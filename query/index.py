@@ -148,6 +148,7 @@ INDEX_ENV = "DND_ATLAS_INDEX"  # forces a kind for builds that do not pass one
 READ_BATCH = 65_536  # label vectors per record batch when reading or indexing
 IVF_TRAIN_PER_LIST = 40  # k-means sample per list (FAISS wants >= 39)
 IVF_MIN_NPROBE = 16
+IVF_NITER = 10  # k-means iterations: 25 (FAISS's default) took twice as long for recall 0.970 vs 0.966
 
 
 @dataclass(frozen=True)
@@ -164,9 +165,11 @@ def choose_index(
 ) -> IndexSpec:
     """The index for ``n`` label vectors: exact when ``kind`` is ``"flat"``, or
     ``"auto"`` and ``n <= exact_max``; else IVF-Flat with ``nlist`` the power of
-    two nearest 2 sqrt(n) (at least 39 training vectors per list) and ``nprobe``
-    = max(16, nlist / 64), unless ``params`` sets them. Raises
-    :class:`AtlasError` for an unknown kind."""
+    two nearest 2 sqrt(n) (at least 39 training vectors per list), ``nprobe``
+    = max(16, nlist / 64), unless ``params`` sets them, trained on 40 vectors
+    per list. At 1M vectors nlist 2048 / nprobe 32 had recall@10 0.966 where
+    1024 / 16 (the same share of the vectors scanned, half the build time) had
+    0.943. Raises :class:`AtlasError` for an unknown kind."""
     if kind not in INDEX_KINDS:
         raise AtlasError(f"unknown index kind {kind!r}; valid kinds: {', '.join(INDEX_KINDS)}")
     if kind == "flat" or (kind == "auto" and n <= exact_max) or n == 0:
@@ -179,7 +182,8 @@ def choose_index(
     if nlist < 1 or nprobe < 1 or nlist > n:
         raise AtlasError(f"bad IVF parameters nlist={nlist}, nprobe={nprobe} for {n} vectors")
     train = min(n, IVF_TRAIN_PER_LIST * nlist)
-    return IndexSpec("ivf-flat", {"nlist": nlist, "nprobe": min(nprobe, nlist), "train_size": train})
+    return IndexSpec("ivf-flat", {"nlist": nlist, "nprobe": min(nprobe, nlist), "train_size": train,
+                                  "niter": IVF_NITER})
 
 
 def _requested_kind(con: duckdb.DuckDBPyConnection, kind: str | None) -> str:
@@ -283,6 +287,7 @@ def _build_ivf(con: duckdb.DuckDBPyConnection, n: int, spec: IndexSpec) -> tuple
     nlist = spec.params["nlist"]
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
     index.cp.min_points_per_centroid = 1  # the sample size is ours (IVF_TRAIN_PER_LIST)
+    index.cp.niter = spec.params["niter"]
     index.train(train)
     del train
     reader = con.sql("SELECT label_id, vec FROM label_vectors").to_arrow_reader(READ_BATCH)

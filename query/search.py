@@ -8,10 +8,15 @@ one query, maps them to neurons and gives every hit's labels. Measured on a
 ``neurons``, then the hits' labels by a string key) cost 200-500 ms per query,
 since DuckDB scans both tables for it; the map costs ~0.5 s and ~70 MB once.
 
-Filtered searches over an IVF index probe more lists the more selective the
-filter is (:func:`filtered_nprobe`), so they scan as many qualifying vectors
-as an unfiltered search; a filter selecting fewer than ``nprobe / nlist`` of
-the labels probes every list, which is exact search over the filtered labels.
+Filtered searches over an IVF index: a filter selecting at most
+``query.index.EXACT_MAX`` labels is searched exactly over those labels'
+vectors, gathered from the index's lists once (~40 ms at 1M) and cached
+(:data:`SUBSET_CACHE` filters); a wider one goes through the IVF index with
+an ID selector, probing more lists the more selective it is
+(:func:`filtered_nprobe`). Measured at 1M labels (no query embedding, one
+thread, shared machine): unfiltered ~2.5-3 ms; a 1/100 filter 18-21 ms when
+probing every list, ~0.9 ms exact over its gathered vectors; a 1/4 filter
+~6 ms (2x the lists).
 """
 
 from __future__ import annotations
@@ -27,9 +32,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from query.index import EXACT_MAX
+
 log = logging.getLogger(__name__)
 
 FILTER_CACHE = 8  # filters whose masks and FAISS selectors are kept per open atlas
+SUBSET_CACHE = 2  # selective filters whose gathered vectors are kept (<= EXACT_MAX x d floats each)
 
 _LOAD_SQL = """
     SELECT l.label_id, l.model, l.layer, l.unit, l.rank, l.text, l.concept_score,
@@ -144,18 +152,42 @@ def group_by_neuron(lmap: LabelMap, rows: np.ndarray, sims: np.ndarray, k: int) 
     return best
 
 
+def ivf_vectors(ivf: Any, want: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, vectors)`` of the entries of an IVF-Flat index whose id is in the
+    sorted array ``want`` (its lists hold the raw float32 vectors)."""
+    import faiss
+
+    inv, d = ivf.invlists, ivf.d
+    out_ids, out_vecs = [], []
+    for i in range(ivf.nlist):
+        size = inv.list_size(i)
+        if size == 0 or not len(want):
+            continue
+        ids = faiss.rev_swig_ptr(inv.get_ids(i), size)
+        hit = want[np.minimum(np.searchsorted(want, ids), len(want) - 1)] == ids
+        if hit.any():
+            codes = faiss.rev_swig_ptr(inv.get_codes(i), size * inv.code_size)
+            out_ids.append(ids[hit])
+            out_vecs.append(codes.view(np.float32).reshape(size, d)[hit])
+    if not out_ids:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, d), dtype=np.float32)
+    return np.concatenate(out_ids), np.concatenate(out_vecs)
+
+
 def filtered_nprobe(nprobe: int, nlist: int, total: int, selected: int) -> int:
     """Lists to probe when ``selected`` of ``total`` vectors qualify: ``nprobe``
-    scaled by ``total / selected``, so the probed lists hold about as many
-    qualifying vectors as an unfiltered search scans; all lists (exact search
-    over the qualifying vectors) when the filter is that selective."""
+    scaled by sqrt(total / selected), capped at every list. Measured on 1M
+    labels with a filter selecting 1/4 of them: recall@10 0.980 unscaled
+    (3.5 ms), 0.998 scaled by sqrt (2x, 6.1 ms) and 0.998 scaled linearly (4x,
+    13 ms, as many qualifying vectors scanned as an unfiltered search)."""
     if selected <= 0:
         return nlist
-    return min(nlist, max(nprobe, math.ceil(nprobe * total / selected)))
+    return min(nlist, max(nprobe, math.ceil(nprobe * math.sqrt(total / selected))))
 
 
 @dataclass(frozen=True)
 class _Filter:
+    key: tuple[str | None, str | None]
     mask: np.ndarray
     count: int
     selector: Any  # a FAISS IDSelector, or None when every label qualifies
@@ -167,7 +199,11 @@ class IndexSearcher:
 
     Masks and selectors are cached per (model, layer) filter: building a
     selector over 250k ids takes tens of milliseconds, the search one or two.
+    Over an IVF index, filters selecting at most ``subset_max`` labels (but
+    not all) are searched exactly over their gathered vectors.
     """
+
+    subset_max = EXACT_MAX
 
     def __init__(self, index: Any, lmap: LabelMap) -> None:
         import faiss
@@ -176,6 +212,7 @@ class IndexSearcher:
         self.lmap = lmap
         self.ivf = faiss.try_extract_index_ivf(index)
         self._filters: OrderedDict[tuple[str | None, str | None], _Filter] = OrderedDict()
+        self._subsets: OrderedDict[tuple[str | None, str | None], Any] = OrderedDict()
 
     def filter(self, model: str | None, layer: str | None) -> _Filter:
         """The cached mask and FAISS selector of the labels a search may return."""
@@ -183,36 +220,59 @@ class IndexSearcher:
         if key in self._filters:
             self._filters.move_to_end(key)
             return self._filters[key]
-        f = self._make_filter(self.lmap.mask(model, layer))
+        f = self._make_filter(key, self.lmap.mask(model, layer))
         self._filters[key] = f
         if len(self._filters) > FILTER_CACHE:
             self._filters.popitem(last=False)
         return f
 
-    def _make_filter(self, mask: np.ndarray) -> _Filter:
+    def _make_filter(self, key: tuple[str | None, str | None], mask: np.ndarray) -> _Filter:
         import faiss
 
         count = int(mask.sum())
         if count == len(mask) and self.index.ntotal == len(mask):
-            return _Filter(mask, count, None, ())
+            return _Filter(key, mask, count, None, ())
         if count <= len(mask) // 2:
             batch = faiss.IDSelectorBatch(np.ascontiguousarray(self.lmap.label_ids[mask]))
-            return _Filter(mask, count, batch, (batch,))
+            return _Filter(key, mask, count, batch, (batch,))
         # Most labels qualify: select by exclusion (a smaller id set to hash).
         batch = faiss.IDSelectorBatch(np.ascontiguousarray(self.lmap.label_ids[~mask]))
-        return _Filter(mask, count, faiss.IDSelectorNot(batch), (batch,))
+        return _Filter(key, mask, count, faiss.IDSelectorNot(batch), (batch,))
+
+    def _subset(self, f: _Filter) -> Any:
+        """An exact FAISS index over the labels ``f`` selects, gathered from the IVF
+        lists. (FAISS on one thread, not numpy: a BLAS product of 10k x 384 took
+        0.25 ms alone but 5-6 ms right after a FAISS search, its threads competing.)"""
+        import faiss
+
+        if f.key in self._subsets:
+            self._subsets.move_to_end(f.key)
+            return self._subsets[f.key]
+        ids, vecs = ivf_vectors(self.ivf, np.sort(self.lmap.label_ids[f.mask]))
+        order = np.argsort(ids)  # ties rank by label id, as in the exact index
+        got = faiss.IndexIDMap2(faiss.IndexFlatIP(self.ivf.d))
+        if len(ids):
+            got.add_with_ids(np.ascontiguousarray(vecs[order]), ids[order])
+        self._subsets[f.key] = got
+        if len(self._subsets) > SUBSET_CACHE:
+            self._subsets.popitem(last=False)
+        return got
 
     def nearest(self, query: np.ndarray, f: _Filter, n: int) -> tuple[np.ndarray, np.ndarray]:
         """``(rows, sims)`` of the ``n`` best qualifying labels (fewer when fewer
-        qualify), best first. An IVF search that finds fewer than it should
-        (too few qualifying vectors in the probed lists) probes twice as many."""
+        qualify), best first: exact over a selective filter's gathered vectors,
+        else through the index with the filter's selector. An IVF search that
+        finds fewer than it should (too few qualifying vectors in the probed
+        lists) probes twice as many."""
         import faiss
 
         n = min(n, f.count)
         if n <= 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
         x = np.ascontiguousarray(query[None, :], dtype=np.float32)
-        if self.ivf is None:
+        if self.ivf is not None and f.count <= self.subset_max and f.count < self.index.ntotal:
+            sims, ids = self._subset(f).search(x, n)
+        elif self.ivf is None:
             params = faiss.SearchParameters(sel=f.selector) if f.selector is not None else None
             sims, ids = self.index.search(x, n, params=params)
         else:

@@ -15,7 +15,7 @@ from query import index as index_mod
 from query.errors import AtlasError
 from query.index import build_index, choose_index, insert_label_vectors, load_index
 from query.schema import DB_FILE, INDEX_FILE
-from query.search import LabelMap, filtered_nprobe
+from query.search import IndexSearcher, LabelMap, filtered_nprobe, ivf_vectors
 
 
 def _atlas(tmp_path, vecs, ids=None):
@@ -47,7 +47,7 @@ def test_choose_index_follows_size():
     assert choose_index(100, exact_max=100).index_type == "flat"
     spec = choose_index(1_000_000)
     assert spec.index_type == "ivf-flat"
-    assert spec.params == {"nlist": 2048, "nprobe": 32, "train_size": 2048 * 40}
+    assert spec.params == {"nlist": 2048, "nprobe": 32, "train_size": 2048 * 40, "niter": 10}
     small = choose_index(300, exact_max=100)
     assert small.index_type == "ivf-flat" and 300 >= 39 * small.params["nlist"]
     assert choose_index(10**6, kind="flat").index_type == "flat"
@@ -70,9 +70,11 @@ def test_meta_records_type_and_load_applies_params(tmp_path):
     params = _meta(con, "index_params")
     assert params["nlist"] >= 2 and params["nprobe"] >= 1
     con.close()
-    loaded = faiss.extract_index_ivf(load_index(tmp_path, params))
+    index = load_index(tmp_path, params)
+    loaded = faiss.extract_index_ivf(index)
     assert loaded.nlist == params["nlist"] and loaded.nprobe == min(params["nprobe"], params["nlist"])
-    assert faiss.extract_index_ivf(load_index(tmp_path, {"nprobe": 1})).nprobe == 1
+    index = load_index(tmp_path, {"nprobe": 1})
+    assert faiss.extract_index_ivf(index).nprobe == 1
 
 
 def test_forced_kind_is_recorded_and_kept_by_rebuilds(tmp_path, monkeypatch):
@@ -97,7 +99,8 @@ def test_ivf_finds_the_exact_top_hits_on_clustered_vectors(tmp_path):
     build_index(tmp_path, con=con, kind="ivf", params={"nlist": 16, "nprobe": 4})
     con.close()
     ivf = load_index(tmp_path, {"nprobe": 4})
-    assert faiss.extract_index_ivf(ivf).nprobe == 4 < faiss.extract_index_ivf(ivf).nlist
+    inner = faiss.extract_index_ivf(ivf)
+    assert inner.nprobe == 4 < inner.nlist
     queries = centers + np.random.default_rng(1).normal(0, 0.05, centers.shape).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     exact = np.argsort(-(vecs @ queries.T), axis=0)[:10].T
@@ -114,6 +117,8 @@ def test_streamed_build_matches_one_batch(tmp_path, monkeypatch):
     monkeypatch.setattr(index_mod, "READ_BATCH", 7)
     got_ids, got = index_mod.read_label_vectors(con)
     np.testing.assert_array_equal(got_ids, np.sort(ids))
+    np.testing.assert_allclose(got, (vecs / np.linalg.norm(vecs, axis=1, keepdims=True))[np.argsort(ids)],
+                               atol=1e-6)
     build_index(tmp_path, con=con, kind="flat")
     np.testing.assert_array_equal(load_index(tmp_path).search(vecs[:5], 20)[1], whole[1])
     build_index(tmp_path, con=con, kind="ivf", params={"nlist": 2, "nprobe": 2})
@@ -121,10 +126,26 @@ def test_streamed_build_matches_one_batch(tmp_path, monkeypatch):
     con.close()
 
 
+def test_ivf_vectors_gathers_the_wanted_entries(tmp_path):
+    _, vecs = _clustered()
+    con, ids = _atlas(tmp_path, vecs, ids=np.arange(len(vecs)) * 3 + 5)
+    build_index(tmp_path, con=con, kind="ivf", params={"nlist": 8, "nprobe": 2})
+    con.close()
+    index = load_index(tmp_path)  # owns what extract_index_ivf returns
+    ivf = faiss.extract_index_ivf(index)
+    want = np.sort(ids[::7])
+    got_ids, got = ivf_vectors(ivf, want)
+    order = np.argsort(got_ids)
+    np.testing.assert_array_equal(got_ids[order], want)
+    np.testing.assert_allclose(got[order], vecs[(want - 5) // 3], atol=1e-6)
+    assert len(ivf_vectors(ivf, np.array([1, 2], dtype=np.int64))[0]) == 0
+
+
 def test_filtered_nprobe_scales_with_selectivity():
     assert filtered_nprobe(32, 2048, 1_000_000, 1_000_000) == 32
-    assert filtered_nprobe(32, 2048, 1_000_000, 250_000) == 128
-    assert filtered_nprobe(32, 2048, 1_000_000, 10_000) == 2048  # exact over the filtered labels
+    assert filtered_nprobe(32, 2048, 1_000_000, 250_000) == 64
+    assert filtered_nprobe(32, 2048, 1_000_000, 10_000) == 320
+    assert filtered_nprobe(32, 2048, 1_000_000, 200) == 2048  # every list: exact over the filtered labels
     assert filtered_nprobe(4, 16, 100, 0) == 16
 
 
@@ -156,12 +177,14 @@ def _keys(hits):
     return [(h.model, h.layer, h.unit) for h in hits]
 
 
-def test_filtered_ivf_search_is_exact_and_skips_dead_neurons(ivf_and_exact, caplog):
+@pytest.mark.parametrize("subset_max", [0, IndexSearcher.subset_max], ids=["probe-lists", "gathered"])
+def test_filtered_ivf_search_is_exact_and_skips_dead_neurons(ivf_and_exact, caplog, monkeypatch, subset_max):
+    monkeypatch.setattr(IndexSearcher, "subset_max", subset_max)
     ivf_dir, exact_dir = ivf_and_exact
     with Atlas.open(ivf_dir) as a, Atlas.open(exact_dir) as b, caplog.at_level(logging.WARNING):
         assert a.meta["index_type"] == "ivf-flat"
         dead = {(n["model"], n["layer"], n["unit"]) for n in _neurons() if n["status"] == "dead"}
-        # "small" holds 1/16 of the labels, under nprobe/nlist = 1/4: every list is probed
+        # "small" holds 1/16 of the labels: gathered, or nprobe 2 * sqrt(16) = every list
         for query, kw in [("red circle", {"layer": "small"}), ("dog", {"layer": "small", "k": 3}),
                           ("wall", {"model": "m", "layer": "small"})]:
             caplog.clear()
@@ -182,7 +205,8 @@ def test_filtered_ivf_search_is_exact_and_skips_dead_neurons(ivf_and_exact, capl
         assert not dead & set(_keys(everything))
 
 
-def test_unfiltered_ivf_search_probing_every_list_equals_exact(ivf_and_exact):
+def test_unfiltered_ivf_search_probing_every_list_equals_exact(ivf_and_exact, monkeypatch):
+    monkeypatch.setattr(IndexSearcher, "subset_max", 0)  # through FAISS, not the gathered vectors
     ivf_dir, exact_dir = ivf_and_exact
     con = duckdb.connect(str(ivf_dir / DB_FILE))
     con.execute("UPDATE meta SET value = '{\"nlist\": 8, \"nprobe\": 8}' WHERE key = 'index_params'")
