@@ -342,7 +342,9 @@ class Atlas:
         One hit per neuron (its best-matching label wins); only neurons with
         status 'ok'; optionally restricted to a model and/or a layer. Uses
         ``descriptions.faiss`` and falls back to exact search over
-        ``label_vectors`` when the index is missing or stale.
+        ``label_vectors`` when the index is missing or stale. The index and
+        the labels are read on the first search and kept while the atlas is
+        open (reopen it to see labels written since).
         """
         if not isinstance(text, str) or not text.strip():
             raise QueryError("empty search query")

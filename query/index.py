@@ -10,12 +10,15 @@ into the meta (``index_type``, ``index_params``) next to ``index_count``;
 :func:`load_index` applies the search-time ones. It is derived data:
 :func:`build_index` rebuilds it from the ``label_vectors`` table at any time.
 
-Measured on 2 shared cores, one query thread (bench/search.py, 1M labels):
-exact search costs ~0.07 ms per 1,000 vectors (3.5 ms at 50k, ~75 ms at 1M);
-IVF-Flat with nlist 2048 / nprobe 32 builds in ~25 s and answers in ~2 ms with
-a label recall@10 of ~0.97 on label-like phrases; HNSW (M 32) took 11 s for
-100k vectors (~3 min projected for 1M, twice per merge) and filters badly,
-so it is not used.
+Measured on 2 shared cores, one query thread (bench/search.py, 1M labels of
+label-like phrases): exact search costs ~0.07 ms per 1,000 vectors (3.5 ms at
+50k; 170-220 ms measured at 1M on the loaded machine); IVF-Flat with nlist
+2048 / nprobe 32 answers in 2.5-3 ms (10 ms on a machine loaded 4x over)
+with a neuron recall@10 of 0.98, and builds in 40-160 s (k-means on 82k
+vectors, then 1M assignments). HNSW (M 32, efConstruction 40) took 11 s for
+100k vectors, did not finish 1M within 27 minutes on the loaded machine, must
+be rebuilt on every merge and filters poorly (it walks the graph through
+filtered-out nodes), so it is not offered.
 """
 
 from __future__ import annotations
