@@ -91,8 +91,8 @@ def read_label_vectors(
     count = con.execute(f"SELECT count(*) {source}", list(params)).fetchall()[0][0]
     if count == 0:
         return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
-    reader = con.sql(f"SELECT v.label_id, v.vec {source} ORDER BY v.label_id",
-                     params=list(params)).to_arrow_reader(READ_BATCH)
+    reader = _arrow_reader(con.sql(f"SELECT v.label_id, v.vec {source} ORDER BY v.label_id",
+                                   params=list(params)))
     ids = np.empty(count, dtype=np.int64)
     vecs: np.ndarray | None = None
     at = 0
@@ -105,6 +105,13 @@ def read_label_vectors(
         vecs[at:at + len(batch_ids)] = batch
         at += len(batch_ids)
     return ids[:at], vecs[:at]
+
+
+def _arrow_reader(rel: duckdb.DuckDBPyRelation) -> pa.RecordBatchReader:
+    """A relation's rows as a stream of ``READ_BATCH``-row Arrow batches
+    (``to_arrow_reader`` in DuckDB 2, ``fetch_arrow_reader`` before it)."""
+    make = getattr(rel, "to_arrow_reader", None) or rel.fetch_arrow_reader
+    return make(READ_BATCH)
 
 
 def _vector_batches(reader: pa.RecordBatchReader):
@@ -280,11 +287,11 @@ def _build_ivf(con: duckdb.DuckDBPyConnection, n: int, spec: IndexSpec) -> tuple
     all_ids = con.sql("SELECT label_id FROM label_vectors ORDER BY label_id").fetchnumpy()["label_id"]
     rng = np.random.default_rng(0)
     sample = np.sort(all_ids[rng.choice(n, spec.params["train_size"], replace=False)])
-    reader = con.sql(
+    reader = _arrow_reader(con.sql(
         "SELECT v.label_id, v.vec FROM label_vectors v "
         "SEMI JOIN (SELECT unnest(?::BIGINT[]) AS label_id) s USING (label_id) ORDER BY v.label_id",
         params=[sample.tolist()],
-    ).to_arrow_reader(READ_BATCH)
+    ))
     train = np.concatenate([_normalize_inplace(v.copy()) for _, v in _vector_batches(reader)])
     d = _checked_dim(con, train.shape[1])
     nlist = spec.params["nlist"]
@@ -293,7 +300,7 @@ def _build_ivf(con: duckdb.DuckDBPyConnection, n: int, spec: IndexSpec) -> tuple
     index.cp.niter = spec.params["niter"]
     index.train(train)
     del train
-    reader = con.sql("SELECT label_id, vec FROM label_vectors").to_arrow_reader(READ_BATCH)
+    reader = _arrow_reader(con.sql("SELECT label_id, vec FROM label_vectors"))
     for ids, vecs in _vector_batches(reader):
         if vecs.shape[1] != d:
             _several_lengths({d, vecs.shape[1]})
