@@ -2,16 +2,21 @@
 
 Layout of ``out_dir``::
 
-    project/mkdocs.yml        site_dir: ../site (so `mkdocs gh-deploy` works from project/)
-    project/atlas_hooks.py    mkdocs hook pasting neuron page bodies into the built pages
-    project/atlas_html/       those bodies (escaped HTML), one JSON file per layer
-    project/docs/index.md     home: models, layers, counts, build config, histograms
-    project/docs/models/      one page per model (in the nav)
-    project/docs/layers/      one page per layer (in the nav unless there are many)
-    project/docs/neurons/     one page per neuron (not_in_nav: keeps the build linear)
-    project/docs/images/      the atlas images the pages use (hard links when possible)
-    project/docs/assets/      atlas.css, atlas.js, charts/*.svg
-    site/                     the built static site
+    project/mkdocs.yml         site_dir: ../site (so `mkdocs gh-deploy` works from project/)
+    project/atlas_hooks.py     mkdocs hook: publishes only the files the manifest lists
+    project/.dnd-atlas-manifest.json  every file `dnd-atlas site` wrote (see output.py)
+    project/docs/index.md      home: models, layers, counts, build config, histograms
+    project/docs/models/       one page per model
+    project/docs/layers/       one page per layer (the table is filled from its data file)
+    project/docs/neuron.md     the one neuron page: neuron.html#<model>/<layer>/<unit>
+    project/docs/search.md     keyword search over every label
+    project/docs/data/         the data files the browser renders (see data.py)
+    project/docs/images/       the atlas images the data names, once each (hard links)
+    project/docs/assets/       atlas.css, the scripts, charts/*.svg
+    site/                      the built static site
+
+mkdocs builds a handful of pages whatever the size of the atlas: neuron
+records are data files, so a 250,000-unit atlas builds in minutes.
 """
 
 from __future__ import annotations
@@ -23,28 +28,43 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-from atlas_site import render
-from atlas_site.assets import CSS, HOOKS, JS
+from atlas_site import data, render
+from atlas_site.assets import HOOKS, SCRIPTS, STYLES, asset
 from atlas_site.charts import histogram_svg
-from atlas_site.load import evaluation_rows, layer_records, similar_neurons
+from atlas_site.images import ImageSet, publish_images
+from atlas_site.output import (
+    MANIFEST,
+    PROJECT_DIR,
+    SITE_DIR,
+    Manifest,
+    OutputRefused,
+    ProjectWriter,
+    claim,
+    files_under,
+    replace_site,
+    write_manifest,
+)
 from query import Atlas
+from query.bulk import layer_records, similar_neurons
 from query.errors import AtlasError
-from query.schema import IMAGES_DIR
+from query.bulk import Neighbor, layer_records, similar_neurons
+from query.evaluations import evaluations
+from query.records import LayerInfo, NeuronRecord
 
 log = logging.getLogger(__name__)
 
-PROJECT_DIR = "project"
-SITE_DIR = "site"
-# Neuron page bodies, pasted into the built pages by the project's hook (atlas_hooks.py).
-BODIES_DIR = "atlas_html"
-# Generated parts of docs/ (removed before regenerating; images/ is pruned instead).
-GENERATED = ("index.md", "models", "layers", "neurons", "assets")
+__all__ = ["PROJECT_DIR", "SITE_DIR", "OutputRefused", "SiteError", "build_site",
+           "generate_project", "run_mkdocs"]
+
 # Above this many layers, layer pages leave the nav (material embeds the nav in every page).
 MAX_NAV_LAYERS = 60
 N_SIMILAR = 6
+CHART_LABEL = {"score": "label-1 concept score", "interpretability": "interpretability score"}
 
 
 class SiteError(AtlasError):
@@ -52,14 +72,14 @@ class SiteError(AtlasError):
 
 
 class _Progress:
-    """A tqdm bar over pages, or nothing when ``DND_ATLAS_PROGRESS=0``."""
+    """A tqdm bar over units, or nothing when ``DND_ATLAS_PROGRESS=0``."""
 
     def __init__(self, total: int, desc: str) -> None:
         self.bar = None
         if os.environ.get("DND_ATLAS_PROGRESS", "1").lower() not in ("0", "false", "no", "off"):
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, unit="page", leave=False)
+            self.bar = tqdm(total=total, desc=desc, unit="unit", leave=False)
 
     def update(self, n: int) -> None:
         if self.bar is not None:
@@ -70,115 +90,45 @@ class _Progress:
             self.bar.close()
 
 
-def _write(path: Path, content: str) -> None:
-    path.write_text(content, encoding="utf-8")
+def _docs(rel: str) -> str:
+    return f"docs/{rel}"
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def copy_images(atlas_dir: Path, docs: Path, used: set[str]) -> int:
-    """Hard-link (or copy) each used image into ``docs`` once, drop images no page
-    uses any more; returns how many files were added."""
-    root = (atlas_dir / IMAGES_DIR).resolve()
-    added = 0
-    for rel in sorted(used):
-        src = (atlas_dir / rel).resolve()
-        if not src.is_relative_to(root) or not src.is_file():
-            log.warning("image %s is missing from the atlas", rel)
+def _write_layer(writer: ProjectWriter, li: LayerInfo, records: Sequence[NeuronRecord],
+                 similar: dict[tuple[str, str, int], list[Neighbor]],
+                 images: ImageSet) -> tuple[list[tuple[str, str]], list[int]]:
+    """The layer's table data, its neuron chunks and its histograms; returns the charts
+    and the chunk numbers."""
+    columns = data.layer_columns(records)
+    writer.data(_docs(data.index_file(li.model, li.layer)),
+                data.gzip_json(data.layer_index(li, records, images, columns)))
+    groups = data.chunks(records)
+    for k, recs in groups.items():
+        units = {str(r.unit): data.neuron_data(r, images, similar.get((r.model, r.layer, r.unit), []))
+                 for r in recs}
+        writer.data(_docs(data.chunk_file(li.model, li.layer, k)),
+                    data.gzip_json({"format": data.DATA_FORMAT, "chunk": k, "units": units}))
+    ok = [r for r in records if r.status == "ok"]
+    charts = []
+    for col in columns:
+        if col.kind != "num":
             continue
-        dst = docs / rel
-        if dst.is_file() and dst.stat().st_size == src.stat().st_size:
-            continue
-        if dst.exists():
-            dst.unlink()
-        _link_or_copy(src, dst)
-        added += 1
-    images = docs / IMAGES_DIR
-    if images.is_dir():
-        for path in images.rglob("*"):
-            if path.is_file() and path.relative_to(docs).as_posix() not in used:
-                path.unlink()
-    return added
+        if col.key == "interpretability":
+            values = [r.interpretability for r in ok]
+        elif col.key == "score":
+            values = [r.labels[0].concept_score for r in ok if r.labels]
+        else:
+            values = [getattr(r.labels[0], col.key, None) for r in ok if r.labels]
+        label = CHART_LABEL.get(col.key, col.title.lower())
+        writer.text(_docs(render.chart_file(li.model, li.layer, col.key)),
+                    histogram_svg(values, f"{li.model} / {li.layer}", label))
+        charts.append((col.key, label))
+    return charts, sorted(groups)
 
 
-def _clean(docs: Path) -> None:
-    for name in GENERATED:
-        path = docs / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-
-
-def generate_project(atlas_dir: str | os.PathLike[str], project: Path,
-                     site_name: str | None = None) -> dict[str, int]:
-    """Write ``mkdocs.yml`` and ``docs/`` for the atlas into ``project``; returns counts
-    (pages, neuron pages, images). Raises :class:`AtlasError` subclasses on bad input."""
-    t0 = time.perf_counter()
-    docs = project / "docs"
-    with Atlas.open(atlas_dir) as atlas:
-        meta = atlas.meta
-        models = {m.model: m for m in atlas.models()}
-        layers = atlas.layers()
-        names = sorted({*models, *(li.model for li in layers)})
-        name = site_name or f"Neuron atlas: {atlas.path.resolve().name}"
-        similar = similar_neurons(atlas, k=N_SIMILAR)
-        log.info("similar neurons of %d neurons in %.1f s", len(similar), time.perf_counter() - t0)
-
-        docs.mkdir(parents=True, exist_ok=True)
-        bodies = project / BODIES_DIR
-        _clean(docs)
-        shutil.rmtree(bodies, ignore_errors=True)
-        for sub in ("assets/charts", "models", "layers", "neurons"):
-            (docs / sub).mkdir(parents=True, exist_ok=True)
-        _write(docs / "assets/atlas.css", CSS)
-        _write(docs / "assets/atlas.js", JS)
-        _write(project / "atlas_hooks.py", HOOKS)
-
-        images = render.ImageSet()
-        n_neurons = 0
-        total = sum(li.n_ok + li.n_dead + li.n_failed for li in layers)
-        bar = _Progress(total, "neuron pages")
-        for li in layers:
-            records = layer_records(atlas, li.model, li.layer)
-            folder = render.neuron_page(li.model, li.layer, 0).rsplit("/", 1)[0]
-            (docs / folder).mkdir(parents=True, exist_ok=True)
-            layer_bodies: dict[str, str] = {}
-            for rec in records:
-                key = (rec.model, rec.layer, rec.unit)
-                md, body = render.render_neuron(rec, images, similar.get(key, []))
-                _write(docs / f"{render.neuron_page(*key)}.md", md)
-                layer_bodies[str(rec.unit)] = body
-            path = bodies / f"{folder}.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _write(path, json.dumps(layer_bodies, ensure_ascii=False))
-            n_neurons += len(records)
-            bar.update(len(records))
-            ok = [r for r in records if r.status == "ok"]
-            scores = [r.labels[0].concept_score for r in ok if r.labels]
-            _write(docs / render.chart_file(li.model, li.layer, "score"), histogram_svg(
-                scores, f"{li.model} / {li.layer}", "label-1 concept score"))
-            _write(docs / render.chart_file(li.model, li.layer, "interpretability"), histogram_svg(
-                [r.interpretability for r in ok], f"{li.model} / {li.layer}",
-                "interpretability score"))
-            path = docs / f"{render.layer_page(li.model, li.layer)}.md"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _write(path, render.render_layer(li, records, images))
-        bar.close()
-        for m in names:
-            own = [li for li in layers if li.model == m]
-            _write(docs / f"{render.model_page(m)}.md", render.render_model(models.get(m), m, own))
-        _write(docs / "index.md", render.render_home(name, meta, layers, names,
-                                                     evaluations=evaluation_rows(atlas)))
-
-    nav: list = [{"Home": "index.md"}]
-    not_in_nav = ["/neurons/"]
+def _nav(names: Sequence[str], layers: Sequence[LayerInfo]) -> tuple[list, list[str]]:
+    nav: list = [{"Home": "index.md"}, {"Search": f"{render.SEARCH_PAGE}.md"}]
+    not_in_nav = [f"/{render.NEURON_PAGE}.md"]
     if len(layers) <= MAX_NAV_LAYERS:
         for m in names:
             entries = [{"Overview": f"{render.model_page(m)}.md"}]
@@ -188,21 +138,73 @@ def generate_project(atlas_dir: str | os.PathLike[str], project: Path,
     else:
         nav.append({"Models": [{html.escape(m): f"{render.model_page(m)}.md"} for m in names]})
         not_in_nav.append("/layers/")
-    _write(project / "mkdocs.yml", render.mkdocs_yml(name, nav, not_in_nav))
-    added = copy_images(Path(atlas_dir) if Path(atlas_dir).is_dir() else Path(atlas_dir).parent,
-                        docs, images.used)
-    counts = {"pages": n_neurons + len(layers) + len(names) + 1, "neuron_pages": n_neurons,
-              "images": len(images.used), "images_added": added}
-    log.info("generated %d pages in %.1f s", counts["pages"], time.perf_counter() - t0)
+    return nav, not_in_nav
+
+
+def generate_project(atlas: Atlas, writer: ProjectWriter,
+                     site_name: str | None = None) -> dict[str, int]:
+    """Write ``mkdocs.yml``, the hook and ``docs/`` for an open atlas through ``writer``;
+    returns counts (pages, neurons, data files, images)."""
+    t0 = time.perf_counter()
+    models = {m.model: m for m in atlas.models()}
+    layers = atlas.layers()
+    names = sorted({*models, *(li.model for li in layers)})
+    name = site_name or f"Neuron atlas: {atlas.path.resolve().name}"
+    similar = similar_neurons(atlas, k=N_SIMILAR)
+    log.info("similar neurons of %d neurons in %.1f s", len(similar), time.perf_counter() - t0)
+
+    images, search = ImageSet(), data.SearchIndex()
+    charts: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    layer_chunks: dict[tuple[str, str], list[int]] = {}
+    n_neurons = 0
+    bar = _Progress(sum(li.n_ok + li.n_dead + li.n_failed for li in layers), "neurons")
+    for li in layers:
+        records = layer_records(atlas, li.model, li.layer)
+        key = (li.model, li.layer)
+        charts[key], layer_chunks[key] = _write_layer(writer, li, records, similar, images)
+        search.add_layer(li.model, li.layer, records)
+        n_neurons += len(records)
+        bar.update(len(records))
+    bar.close()
+    del similar
+    for li in layers:
+        writer.text(_docs(f"{render.layer_page(li.model, li.layer)}.md"),
+                    render.render_layer(li, charts))
+    for m in names:
+        own = [li for li in layers if li.model == m]
+        writer.text(_docs(f"{render.model_page(m)}.md"),
+                    render.render_model(models.get(m), m, own, charts))
+    writer.text(_docs("index.md"), render.render_home(name, atlas.meta, layers, names, charts,
+                                                      evaluations=evaluations(atlas)))
+    writer.text(_docs(f"{render.NEURON_PAGE}.md"), render.render_neuron_template())
+    writer.text(_docs(f"{render.SEARCH_PAGE}.md"), render.render_search())
+    writer.text(_docs(data.SITE_FILE), json.dumps(data.site_data(name, layers, names, layer_chunks),
+                                                  ensure_ascii=False, indent=1))
+    writer.data(_docs(data.SEARCH_FILE), data.gzip_json(search.to_dict()))
+    for f in (*SCRIPTS, *STYLES):
+        writer.text(_docs(f"assets/{f}"), asset(f))
+    writer.text(HOOKS, asset(HOOKS))
+    nav, not_in_nav = _nav(names, layers)
+    writer.text("mkdocs.yml", render.mkdocs_yml(name, nav, not_in_nav,
+                                                [f"assets/{f}" for f in SCRIPTS],
+                                                [f"assets/{f}" for f in STYLES]))
+    published, added = publish_images(atlas.path, images, writer)
+    counts = {"pages": len(layers) + len(names) + 3, "neurons": n_neurons,
+              "data_files": sum(1 for p in writer.written if p.startswith("docs/data/")),
+              "images": published, "images_added": added}
+    log.info("generated the project (%s) in %.1f s", counts, time.perf_counter() - t0)
     return counts
 
 
-def run_mkdocs(project: Path) -> None:
-    """``mkdocs build`` of the project (a subprocess, so its memory goes when it ends)."""
+def run_mkdocs(project: Path, site_dir: Path | None = None) -> None:
+    """``mkdocs build`` of the project (a subprocess, so its memory goes when it ends),
+    into ``site_dir`` when given (else the project's own ``site_dir``)."""
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--clean", "-q", "-f", "mkdocs.yml"],
-        cwd=project, env=env, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "mkdocs", "build", "--clean", "-q", "-f", "mkdocs.yml"]
+    if site_dir is not None:
+        cmd += ["-d", str(site_dir)]
+    proc = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True,
+                          check=False)
     if proc.returncode != 0:
         tail = " ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
         raise SiteError(f"mkdocs build failed in {project}: {tail}")
@@ -211,28 +213,51 @@ def run_mkdocs(project: Path) -> None:
             log.info("mkdocs: %s", line)
 
 
+def _build_into(out: Path, project: Path, written: frozenset[str], old: Manifest) -> None:
+    """Build into a temp folder, then swap it in for the earlier site (which is left
+    as it was when the build fails)."""
+    t0 = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=".dnd-atlas-site-build-", dir=out))
+    try:
+        run_mkdocs(project, tmp)
+        # Listed before the swap, so a crash during it leaves no unlisted file behind.
+        write_manifest(project, Manifest(written, old.site | files_under(tmp), complete=True))
+        site = replace_site(tmp, out / SITE_DIR, old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    write_manifest(project, Manifest(written, site, complete=True))
+    log.info("mkdocs build in %.1f s", time.perf_counter() - t0)
+
+
 def build_site(atlas_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
-               site_name: str | None = None, build: bool = True) -> Path:
+               site_name: str | None = None, build: bool = True, shared: bool = False) -> Path:
     """Render the atlas into ``out_dir/project`` and build it into ``out_dir/site``.
 
     Returns the built site folder (``out_dir/site``), or the project folder when
-    ``build`` is false. Open the site with ``python -m http.server -d OUT/site``,
-    or publish it with ``mkdocs gh-deploy`` run from ``OUT/project``. Raises
-    :class:`AtlasError` subclasses (no atlas, wrong format, a failed build).
+    ``build`` is false. ``out_dir`` must be new, empty or made by an earlier
+    call (see :mod:`atlas_site.output`); with ``shared`` it may hold other files,
+    which are left alone. Open the site with ``python -m http.server -d
+    OUT/site``, or publish it with ``mkdocs gh-deploy`` run from ``OUT/project``.
+    Raises :class:`AtlasError` subclasses (no atlas, wrong format, a refused
+    ``out_dir``, a failed build), in which case nothing a user wrote was touched.
     """
-
     atlas_path = Path(atlas_dir).expanduser()
     out = Path(out_dir).expanduser()
     if atlas_path.is_dir() and out.resolve() == atlas_path.resolve():
         raise SiteError("--out must not be the atlas directory")
-    if out.exists() and not out.is_dir():
-        raise SiteError(f"{out} exists and is not a directory")
+    old = claim(out, shared=shared)
     project = out / PROJECT_DIR
-    project.mkdir(parents=True, exist_ok=True)
-    generate_project(atlas_path, project, site_name=site_name)
+    with Atlas.open(atlas_path) as atlas:
+        project.mkdir(parents=True, exist_ok=True)
+        write_manifest(project, Manifest(old.project, old.site, complete=False))
+        writer = ProjectWriter(project, old)
+        generate_project(atlas, writer, site_name=site_name)
+    removed = writer.finish()
+    if removed:
+        log.info("removed %d files of the earlier project", removed)
+    written = frozenset(writer.written - {MANIFEST})
+    write_manifest(project, Manifest(written, old.site, complete=True))
     if not build:
         return project
-    t0 = time.perf_counter()
-    run_mkdocs(project)
-    log.info("mkdocs build in %.1f s", time.perf_counter() - t0)
+    _build_into(out, project, written, old)
     return out / SITE_DIR

@@ -6,12 +6,15 @@ from __future__ import annotations
 import argparse
 import shlex
 
+from query.cli import Command
+
 
 def add_site_arguments(p: argparse.ArgumentParser) -> None:
     """Declare ``dnd-atlas site ATLAS --out DIR [--no-build] [--site-name NAME]``."""
     p.add_argument("atlas", help="atlas directory (or its atlas.duckdb)")
     p.add_argument("--out", required=True, metavar="DIR",
-                   help="output folder: DIR/project (mkdocs.yml + docs/) and DIR/site (built)")
+                   help="output folder: DIR/project (mkdocs.yml + docs/) and DIR/site (built); "
+                        "new, empty, or made by an earlier `dnd-atlas site` (then regenerated)")
     p.add_argument("--no-build", dest="build", action="store_false",
                    help="only write the mkdocs project, do not run `mkdocs build`")
     p.add_argument("--site-name", metavar="NAME", help="site title (default: from the atlas name)")
@@ -33,3 +36,7 @@ def run_site(args: argparse.Namespace) -> int:
         print(f"build it: cd {shlex.quote(str(project))} && mkdocs build")
     print(f"publish to GitHub Pages: cd {shlex.quote(str(project))} && mkdocs gh-deploy")
     return 0
+
+
+SITE = Command("site", "render an atlas into an mkdocs-material site (GitHub Pages ready)",
+               add_site_arguments, run_site, 80)

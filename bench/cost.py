@@ -4,10 +4,10 @@ The same build of synthetic-world models (532 neurons: every layer of the
 demo CNN, the planted detectors, and layer3 of a random-weight ResNet-18 at
 64 px for volume) runs twice:
 
-- ``official-shaped`` (``cost_mode = "official-shaped"``): calls made the way
-  the official implementation makes them: one LLM request per candidate,
-  nothing shared between neurons (each neuron captions, crops, generates and
-  records its own images), no cache;
+- ``official-shaped`` (``bench.official``: a configuration and a wrapper
+  summarizer): calls made the way the official implementation makes them:
+  one LLM request per candidate, nothing shared between neurons (each neuron
+  captions, crops, generates and records its own images), no cache;
 - ``efficient`` (the default): one LLM request per neuron for all N
   candidates, captions / generated images / recordings shared across neurons.
 
@@ -34,18 +34,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import duckdb
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
 STAGES = ("captioner_images", "summarizer_requests", "generated_images", "target_forward_images")
 STEPS = {"official-shaped": 50, "efficient": 25}
 
 
 def _responder(rec):
-    from openai_server import Reply
-
-    from builder.summarize import extract_concepts
+    from builder.backends.extractive import extract_concepts
+    from testkit.openai_server import Reply
 
     text = rec.messages[-1]["content"] if rec.messages else ""
     caps = [m.group(1) for m in re.finditer(r"^\d+\. (.+)$", text, re.M)]
@@ -54,8 +49,10 @@ def _responder(rec):
 
 
 def _config(probe: str, out: str, base_url: str, mode: str) -> dict:
-    return {
-        "out": out, "cost_mode": mode,
+    from bench.official import official_shaped
+
+    cfg = {
+        "out": out,
         "models": [
             {"name": "demo-cnn", "target": "demo-cnn", "probe": probe,
              "layers": ["conv1", "conv2", "conv3", "conv4", "fc"]},
@@ -67,20 +64,18 @@ def _config(probe: str, out: str, base_url: str, mode: str) -> dict:
                      "summarizer_options": {"model": "stub", "base_url": base_url, "max_retries": 0}},
         "dissect": {"similarity_options": {"target": "demo-cnn"}},
     }
+    return official_shaped(cfg) if mode == "official-shaped" else cfg
 
 
 def _per_neuron(atlas: Path) -> tuple[dict[str, float], int]:
-    con = duckdb.connect(str(atlas / "atlas.duckdb"), read_only=True)
-    try:
-        n = con.execute("SELECT count(*) FROM neurons WHERE status = 'ok'").fetchone()[0]
-        calls = dict(con.execute("SELECT stage, sum(calls) FROM call_counts GROUP BY stage").fetchall())
-    finally:
-        con.close()
-    return {s: calls.get(s, 0) / max(1, n) for s in STAGES}, n
+    from bench.pipeline import atlas_calls
+
+    per, _, n = atlas_calls(atlas)
+    return per, n
 
 
 def _quality(atlas: Path) -> float:
-    from builder.evaluate import evaluate_synthetic
+    from builder.evaluation.synthetic import evaluate_synthetic
 
     units = evaluate_synthetic(atlas, mpnet=False)["units"]
     return sum(u["match"] for u in units) / max(1, len(units))
@@ -88,11 +83,10 @@ def _quality(atlas: Path) -> float:
 
 def run(probe_images: int = 300) -> dict[str, str]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from openai_server import ScriptedServer
-
-    from builder.build import build
     from builder.config import BuildConfig
+    from builder.pipeline.run import build
     from builder.synthetic.probe import write_probe_set
+    from testkit.openai_server import ScriptedServer
 
     out: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp, ScriptedServer() as srv:
@@ -102,7 +96,8 @@ def run(probe_images: int = 300) -> dict[str, str]:
         for mode in ("official-shaped", "efficient"):
             atlas = Path(tmp) / mode
             t = time.perf_counter()
-            build(BuildConfig.from_dict(_config(probe, str(atlas), srv.base_url, mode)))
+            build(BuildConfig.from_dict(_config(probe, str(atlas), srv.base_url, mode)),
+                  cache_enabled=mode != "official-shaped")
             per, n = _per_neuron(atlas)
             res[mode] = (per, n, time.perf_counter() - t, _quality(atlas))
     key = {"official-shaped": "official", "efficient": "efficient"}

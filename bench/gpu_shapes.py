@@ -22,18 +22,23 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
 STAGES = ("record", "crops", "caption", "summarize", "generate", "gen_record", "embed", "score_write")
 
 
 def _blip(folder: Path, full: bool) -> Path:
     import torch
-    from tiny_models import _write_wordpiece_vocab
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
+
+    from testkit.tiny_models import write_wordpiece_vocab
 
     folder.mkdir(parents=True, exist_ok=True)
-    tok = BertTokenizer(vocab=str(_write_wordpiece_vocab(folder)), do_lower_case=True)
+    tok = BertTokenizer(vocab=str(write_wordpiece_vocab(folder)), do_lower_case=True)
     tok.add_special_tokens({"bos_token": "[DEC]"})
     size = 384 if full else 64
     h, layers, heads, inter = (768, 12, 12, 3072) if full else (32, 2, 2, 64)
@@ -56,11 +61,12 @@ def _blip(folder: Path, full: bool) -> Path:
 
 def _clip(folder: Path, full: bool) -> Path:
     import torch
-    from tiny_models import _clip_tokenizer
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
+    from testkit.tiny_models import clip_tokenizer
+
     folder.mkdir(parents=True, exist_ok=True)
-    tok = _clip_tokenizer(folder, max_length=77)
+    tok = clip_tokenizer(folder, max_length=77)
     size = 224 if full else 32
     config = CLIPConfig(
         text_config={"vocab_size": len(tok), "hidden_size": 512 if full else 32,
@@ -83,12 +89,18 @@ def _clip(folder: Path, full: bool) -> Path:
 
 def _sd(folder: Path, full: bool) -> Path:
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from tiny_models import _clip_tokenizer
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from testkit.tiny_models import clip_tokenizer
+
     (folder / "_tok").mkdir(parents=True, exist_ok=True)
-    tok = _clip_tokenizer(folder / "_tok", max_length=77)
+    tok = clip_tokenizer(folder / "_tok", max_length=77)
     ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
     torch.manual_seed(0)
     if full:  # Stable Diffusion 1.5 shapes
@@ -134,8 +146,8 @@ def run(smoke: bool = False, neurons: int = 8, probe_images: int = 300) -> dict[
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not smoke and not torch.cuda.is_available():
         return {"gpu_shapes": "no CUDA device present: nothing measured (run it on a GPU box; --smoke checks the code on the CPU)"}
-    from builder.build import build
     from builder.config import BuildConfig
+    from builder.pipeline.run import build
     from builder.synthetic.probe import write_probe_set
 
     full = not smoke

@@ -13,14 +13,9 @@ captions, generated images and recordings.
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-import duckdb
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 STAGES = ("captioner_images", "summarizer_requests", "generated_images", "target_forward_images")
 CONCEPTS = ["red", "blue circle", "striped", "grass", "star"]
@@ -46,27 +41,31 @@ def _config(root: Path, tiny: dict, base_url: str, out: str, chunk: int) -> dict
     }
 
 
-def _calls(atlas: Path) -> tuple[dict[str, float], dict[str, float], int]:
-    con = duckdb.connect(str(atlas / "atlas.duckdb"), read_only=True)
-    try:
-        n = con.execute("SELECT count(*) FROM neurons WHERE status = 'ok'").fetchone()[0]
-        calls = dict(con.execute("SELECT stage, sum(calls) FROM call_counts GROUP BY stage").fetchall())
-        secs = dict(con.execute("SELECT stage, sum(seconds) FROM stage_times GROUP BY stage").fetchall())
-    finally:
-        con.close()
-    return {s: calls.get(s, 0) / max(1, n) for s in STAGES}, secs, n
+def atlas_calls(atlas: Path) -> tuple[dict[str, float], dict[str, float], int]:
+    """(calls per ok neuron per counted stage, seconds per stage, ok neurons)
+    of a built atlas, summed over its models (``Atlas.summary``)."""
+    from query import Atlas
+
+    with Atlas.open(atlas) as a:
+        s = a.summary()
+    n = s["totals"]["ok"]
+    calls = {st: sum(m["calls"].get(st, {}).get("calls", 0) for m in s["models"]) for st in STAGES}
+    secs: dict[str, float] = {}
+    for m in s["models"]:
+        for st, v in m["stage_seconds"].items():
+            secs[st] = secs.get(st, 0.0) + v
+    return {st: c / max(1, n) for st, c in calls.items()}, secs, n
 
 
 def run() -> dict[str, str]:
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from openai_server import Reply, ScriptedServer
-    from tiny_models import make_tiny_blip, make_tiny_clip, make_tiny_sd
-
-    from builder.build import build
     from builder.config import BuildConfig
+    from builder.pipeline.run import build
     from builder.synthetic.probe import write_probe_set
+    from testkit.openai_server import Reply, ScriptedServer
+    from testkit.tiny_models import make_tiny_blip, make_tiny_clip, make_tiny_sd
 
     out: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp, ScriptedServer(default=Reply(json.dumps(CONCEPTS))) as srv:
@@ -80,7 +79,7 @@ def run() -> dict[str, str]:
             t = time.perf_counter()
             build(cfg, cache_enabled=cache)
             wall = time.perf_counter() - t
-            per, secs, n = _calls(root / f"atlas-{mode}")
+            per, secs, n = atlas_calls(root / f"atlas-{mode}")
             results[mode] = (per, secs, n, wall)
         per, secs, n, wall = results["cached"]
         out["pipeline_neurons"] = str(n)

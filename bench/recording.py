@@ -15,7 +15,8 @@ import time
 import torch
 import torchvision
 
-from builder.record import TopK, hooked, summarize
+from builder.backends.layers import hooked, summarize
+from builder.pipeline.record import TopK
 
 LAYERS = ["layer1", "layer2", "layer3", "layer4", "fc"]
 

@@ -10,7 +10,7 @@ The 1M atlas (``python -m bench --only search_1m``) is written as two 500k
 shards (10,000 label-like phrases from the shipped concept vocabulary, each
 spread into ~100 noisy vectors; 3 labels per neuron, 1 neuron in 50 dead, a
 small second model holding 1/100 of the neurons), merged with
-``builder.merge.merge_atlases``, re-indexed, searched, then re-indexed exact
+``query.merge.merge_atlases``, re-indexed, searched, then re-indexed exact
 (``kind="flat"``) to measure recall against exact search over the same vectors.
 """
 
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 
 from query import Atlas
 from query.embedder import get_embedder
@@ -55,18 +56,16 @@ def make_atlas(path: Path, n_labels: int = 100_000, seed: int = 0) -> int:
     ranks = np.arange(n_labels) % 3 + 1
     layer_of = lambda u: f"layer{u % 4 + 1}"  # noqa: E731
     ids = [label_id("bench", layer_of(int(u)), int(u), int(r)) for u, r in zip(units, ranks)]
-    import pyarrow as pa
-
     con.register("n", pa.table({
         "model": ["bench"] * n_neurons, "layer": [layer_of(u) for u in range(n_neurons)],
         "unit": list(range(n_neurons)), "status": ["ok"] * n_neurons,
     }))
-    con.execute("INSERT INTO neurons SELECT model, layer, unit, status, NULL, 1.0, 0.5 FROM n")
+    con.execute("INSERT INTO neurons (model, layer, unit, status, reason, max_activation, interpretability) SELECT model, layer, unit, status, NULL, 1.0, 0.5 FROM n")
     con.register("l", pa.table({
         "label_id": ids, "layer": [layer_of(int(u)) for u in units], "unit": units.tolist(),
         "rank": ranks.tolist(), "text": [texts[i % len(texts)] for i in range(n_labels)],
     }))
-    con.execute("INSERT INTO labels SELECT label_id, 'bench', layer, unit, rank, text, 1.0, 0.5 FROM l")
+    con.execute("INSERT INTO labels (label_id, model, layer, unit, rank, text, concept_score, interpretability) SELECT label_id, 'bench', layer, unit, rank, text, 1.0, 0.5 FROM l")
     con.execute("INSERT INTO models VALUES ('bench', 'bench', 'none', 0, 0, '{}')")
     for i in range(4):
         con.execute("INSERT INTO layers VALUES ('bench', ?, ?, 'conv', ?)", [f"layer{i + 1}", i, n_neurons // 4])
@@ -105,6 +104,9 @@ def run(n_labels: int = 100_000, n_queries: int = 100) -> dict[str, str]:
 
 LARGE_LABELS = 1_000_000
 WRITE_CHUNK = 100_000  # label vectors made and inserted at a time
+FIDELITY_FILTER = 0.5  # the min_fidelity of the bench's fidelity-filtered run
+FILTERS = (("layer", {"model": "bench", "layer": "layer2"}), ("small", {"model": "bench-small"}),
+           ("fidelity", {"min_fidelity": FIDELITY_FILTER}))
 LARGE_TEXTS = 10_000  # distinct phrases embedded; each is spread into ~100 noisy label vectors
 FORMS = ("{a} {b}", "{a} and {b}", "{a} on {b}", "{a} with {b}", "close-up of {a}", "{a} texture",
          "{a} in {b}", "{a}")
@@ -142,10 +144,8 @@ def write_large_atlas(path: Path, texts: list[str], base: np.ndarray, n_labels: 
     """Write an atlas holding the labels of global neurons ``neurons`` (3 labels each;
     label ``i`` of the whole set is phrase ``i * 7919 % len(texts)`` plus noise; 1 neuron
     in 50 is dead but keeps its labels, so the status filter matters). A complete
-    shard atlas: ``builder.merge.merge_atlases`` accepts it. Returns the label count.
+    shard atlas: ``query.merge.merge_atlases`` accepts it. Returns the label count.
     Vectors are made and inserted in chunks, so memory stays far below the atlas size."""
-    import pyarrow as pa
-
     path.mkdir(parents=True, exist_ok=True)
     g = np.arange(neurons.start, neurons.stop)
     i = np.arange(3 * neurons.start, min(3 * neurons.stop, n_labels))
@@ -161,12 +161,14 @@ def write_large_atlas(path: Path, texts: list[str], base: np.ndarray, n_labels: 
         model, layer, unit = _large_neuron(g)
         con.register("n_in", pa.table({"model": model, "layer": layer, "unit": unit.astype(np.int32),
                                        "status": np.where(g % 50 == 7, "dead", "ok")}))
-        con.execute("INSERT INTO neurons SELECT model, layer, unit, status, NULL, 1.0, 0.5 FROM n_in")
+        con.execute("INSERT INTO neurons (model, layer, unit, status, reason, max_activation, interpretability) "
+                    "SELECT model, layer, unit, status, NULL, 1.0, 0.5 FROM n_in")
         con.register("t_in", pa.table({"j": np.arange(len(texts)), "text": texts}))
         con.register("l_in", pa.table({"label_id": ids, "model": lm, "layer": ll, "unit": lu.astype(np.int32),
                                        "rank": rank.astype(np.int32), "j": phrase,
-                                       "score": 1.0 - 0.1 * rank}))
-        con.execute("INSERT INTO labels SELECT label_id, model, layer, unit, rank, t.text, score, 0.5 "
+                                       "score": 1.0 - 0.1 * rank, "fidelity": large_fidelity(i)}))
+        con.execute("INSERT INTO labels (label_id, model, layer, unit, rank, text, concept_score, interpretability, "
+                    "fidelity_correlation) SELECT label_id, model, layer, unit, rank, t.text, score, 0.5, fidelity "
                     "FROM l_in JOIN t_in t USING (j)")
         for name in ("n_in", "t_in", "l_in"):
             con.unregister(name)
@@ -179,6 +181,14 @@ def write_large_atlas(path: Path, texts: list[str], base: np.ndarray, n_labels: 
     finally:
         con.close()
     return len(ids)
+
+
+def large_fidelity(i: np.ndarray) -> pa.Array:
+    """Fidelity correlation of labels ``i``: spread over [-0.2, 1.0) by a hash of
+    the label number, NULL for 1 label in 20 (labels a build could not score);
+    ``min_fidelity=FIDELITY_FILTER`` keeps ~40% of them."""
+    r = (i * 2654435761 % 1000) / 1000 * 1.2 - 0.2
+    return pa.array(r, mask=i % 20 == 3, type=pa.float64())
 
 
 def _write_large_meta(con: duckdb.DuckDBPyConnection, n_labels: int, dim: int) -> None:
@@ -243,7 +253,7 @@ def _search_runs(atlas_dir: Path, queries: list[str], vectors: dict[str, np.ndar
         out["ms"], out["found"] = _timed_searches(atlas, queries)
         atlas._embed_query = vectors.__getitem__  # bench: FAISS + mapping alone
         out["ms_no_embed"], _ = _timed_searches(atlas, queries)
-        for name, kw in (("layer", {"model": "bench", "layer": "layer2"}), ("small", {"model": "bench-small"})):
+        for name, kw in FILTERS:
             atlas.search(queries[0], k=10, **kw)  # builds and caches the filter's selector once
             out[f"ms_{name}"], out[f"found_{name}"] = _timed_searches(atlas, queries, **kw)
         out["meta"] = atlas.meta
@@ -252,10 +262,10 @@ def _search_runs(atlas_dir: Path, queries: list[str], vectors: dict[str, np.ndar
 
 def run_large(n_labels: int = LARGE_LABELS, n_queries: int = 100) -> dict[str, str]:
     """The 1M-label run: two 500k-label shards written, merged with
-    ``builder.merge.merge_atlases`` (which rebuilds the index), the index rebuilt
+    ``query.merge.merge_atlases`` (which rebuilds the index), the index rebuilt
     once more on its own, then searches timed and compared with exact search
     (the same atlas re-indexed with ``kind="flat"``)."""
-    from builder.merge import merge_atlases
+    from query.merge import merge_atlases
 
     embedder = get_embedder("minilm")  # loading it is not timed
     texts = label_phrases(LARGE_TEXTS, seed=0)
@@ -306,7 +316,7 @@ def run_large(n_labels: int = LARGE_LABELS, n_queries: int = 100) -> dict[str, s
         "search_embed_ms_1m": f"{embed_ms:.2f}",
         "search_recall_at_10_1m": f"{_recall(approx['found'], exact['found']):.3f}",
     }
-    for name, share in (("layer", "1/4"), ("small", "1/100")):
+    for name, share in (("layer", "1/4"), ("small", "1/100"), ("fidelity", f"min_fidelity {FIDELITY_FILTER}, ~2/5")):
         res[f"search_p50_ms_1m_{name}_filter"] = f"{np.percentile(approx[f'ms_{name}'], 50):.2f} ({share} of labels)"
         res[f"search_recall_at_10_1m_{name}_filter"] = f"{_recall(approx[f'found_{name}'], exact[f'found_{name}']):.3f}"
     res.update({

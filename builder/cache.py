@@ -13,14 +13,18 @@ import io
 import json
 import sqlite3
 import threading
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
+T = TypeVar("T", bound=Hashable)
+V = TypeVar("V")
+
 STAGE_VERSIONS = {
     "record": 1,
-    "crops": 1,
+    "crops": 2,
     "caption": 1,
     "summarize": 1,
     "generate": 1,
@@ -86,11 +90,46 @@ class ContentCache:
         self.put_many(ns, {key: value})
 
     def put_many(self, ns: str, items: dict[str, bytes]) -> None:
+        if not items:
+            return
         with self._lock:
             self._con.executemany(
                 "INSERT OR REPLACE INTO cache VALUES (?, ?, ?)", [(ns, k, v) for k, v in items.items()]
             )
             self._con.commit()
+
+    def fetch(
+        self,
+        ns: str,
+        keys: Mapping[T, str],
+        compute: Callable[[list[T]], Sequence[V]],
+        encode: Callable[[V], bytes] = lambda v: v,  # type: ignore[assignment,return-value]
+        decode: Callable[[bytes], V] = lambda b: b,  # type: ignore[assignment,return-value]
+    ) -> tuple[dict[T, V], set[str]]:
+        """Every item's value: decoded from the cache where its key is there,
+        else computed and stored. The one way the pipeline pays for a result.
+
+        ``keys`` maps each item to its content key; items sharing a key share
+        one value, computed once. ``compute(items)`` gets one item per missing
+        key, in ``keys`` order, and returns their values in that order; a value
+        that is an ``Exception`` is handed back but not stored, so a failure is
+        retried by the next build. Returns (value per item, keys computed now).
+        """
+        got = self.get_many(ns, list(dict.fromkeys(keys.values())))
+        by_key: dict[str, V] = {k: decode(v) for k, v in got.items()}
+        first: dict[str, T] = {}
+        for item, k in keys.items():
+            if k not in by_key:
+                first.setdefault(k, item)
+        fresh: set[str] = set()
+        if first:
+            values = list(compute(list(first.values())))
+            if len(values) != len(first):
+                raise ValueError(f"{ns}: computed {len(values)} values for {len(first)} items")
+            by_key.update(zip(first, values))
+            fresh = set(first)
+            self.put_many(ns, {k: encode(v) for k, v in zip(first, values) if not isinstance(v, Exception)})
+        return {item: by_key[k] for item, k in keys.items()}, fresh
 
     # -- typed helpers ------------------------------------------------------
     def get_json(self, ns: str, key: str) -> Any:

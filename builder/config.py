@@ -51,6 +51,11 @@ class ModelConfig:
             raise ConfigError(f"model {self.name!r}: vit_tokens must be 'cls' or 'patches'")
         if any(not isinstance(u, int) or u < 0 for u in self.units):
             raise ConfigError(f"model {self.name!r}: units must be non-negative unit indices")
+        if "dictionaries" in self.target_options:  # SAEs whose latents are layers (builder/sae.py)
+            from builder.backends.sae import parse_dictionary_specs
+
+            parse_dictionary_specs(self.target_options["dictionaries"],
+                                   f"model {self.name!r}: target_options.dictionaries")
 
 
 @dataclass(frozen=True)
@@ -80,10 +85,13 @@ class CropConfig:
     iou_keep: float = 0.5  # keep a box if IoU <= this with every kept box
     iou_image: float = 0.8  # ... and IoU < this with the whole image
     min_size: int = 4  # ignore boxes smaller than this many pixels a side
+    min_fraction: float = 0.1  # ... or smaller than this fraction of the image's side
+    max_per_image: int = 4  # evidence items (the image and its crops) one probe image may hold in a top-K
+    heatmaps: bool = True  # store each evidence image's activation map (also when crops are off)
 
     def __post_init__(self) -> None:
-        _positive(self, "max_crops")
-        _unit_interval(self, "iou_keep", "iou_image")
+        _positive(self, "max_crops", "max_per_image")
+        _unit_interval(self, "iou_keep", "iou_image", "min_fraction")
 
 
 @dataclass(frozen=True)
@@ -95,10 +103,13 @@ class DescribeConfig:
     summarizer: str = "extractive"
     summarizer_options: dict[str, Any] = field(default_factory=dict)
     n_candidates: int = 5  # N
+    fidelity_candidates: int = 1  # phrases of the evidence captions added when they beat every candidate's fidelity
     batch_size: int = 32
 
     def __post_init__(self) -> None:
         _positive(self, "n_candidates", "batch_size")
+        if not isinstance(self.fidelity_candidates, int) or self.fidelity_candidates < 0:
+            raise ConfigError("describe.fidelity_candidates must be a non-negative integer")
 
 
 @dataclass(frozen=True)
@@ -119,7 +130,7 @@ class DissectConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "images_per_concept", "beta", "batch_size")
-        from builder.scoring import SCORERS
+        from builder.pipeline.scoring import SCORERS
 
         if self.scoring not in SCORERS:
             raise ConfigError(
@@ -133,19 +144,57 @@ class LabelConfig:
 
     max_labels: int = 3
     dedup_threshold: float = 0.81  # drop a label this similar to a kept one
-    extra_labels_need_positive_score: bool = True
+    extra_labels_need_positive_score: bool = True  # selection = "dissect": labels 2-3 need a positive score
     drop_nested_labels: bool = True  # "yellow" and "yellow circle" are one concept, not two
+    selection: str = "fidelity"  # fidelity | dissect (the paper's: the generated-image score alone)
+    fidelity_tolerance: float = 0.02  # candidates this close to the best fidelity: the dissect score decides
+    generality_margin: float = 0.05  # extra words must raise fidelity by this much to be kept
+    min_fidelity_gain: float = 0.02  # a label 2-3 must raise the label set's fidelity by this much
 
     def __post_init__(self) -> None:
         _positive(self, "max_labels")
         if self.max_labels > 3:
             raise ConfigError("labels.max_labels is at most 3")
-        _unit_interval(self, "dedup_threshold")
+        _unit_interval(self, "dedup_threshold", "fidelity_tolerance", "generality_margin", "min_fidelity_gain")
+        if self.selection not in SELECTIONS:
+            raise ConfigError(f"labels.selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+
+
+SELECTIONS = ("fidelity", "dissect")
+PRESENCE_MODES = ("auto", "joint", "words", "embedding", "words+embedding")
+
+
+@dataclass(frozen=True)
+class FidelityConfig:
+    """How true each label is: its concept's presence against the neuron's
+    activation over a seeded sample of probe images (see
+    ``builder.pipeline.fidelity``)."""
+
+    enabled: bool = True
+    sample_size: int = 500  # probe images per model, shared by every neuron
+    seed: int = 0
+    presence: str = "auto"  # auto (joint space if the similarity has one, else words+embedding) | joint | words | embedding | words+embedding
+    positive_fraction: float = 0.1  # AUPRC positives: the most active fraction of the sample
+    shuffles: int = 5  # label permutations averaged for the per-layer shuffled baseline
+
+    def __post_init__(self) -> None:
+        _positive(self, "sample_size", "shuffles")
+        if self.presence not in PRESENCE_MODES:
+            raise ConfigError(f"fidelity.presence must be one of {', '.join(PRESENCE_MODES)}, got {self.presence!r}")
+        _unit_interval(self, "positive_fraction")
 
 
 @dataclass(frozen=True)
 class ClipDissectConfig:
-    """The CLIP-Dissect baseline labeler (``labeler = "clip-dissect"``)."""
+    """The CLIP-Dissect baseline labeler (``labeler = "clip-dissect"``): its
+    concept set and the SoftWPMI parameters (the published defaults).
+
+    ``top_k``: size of the soft set of most activating images; ``a``: softmax
+    temperature on the image-concept similarities; ``lam``: weight of the
+    concept prior; ``p_start``/``p_end``: membership of the best and (about)
+    the k-th best image; ``eps``: floor inside the log that keeps one image
+    with a near-zero concept probability from dominating (the published
+    implementation's 7e-4)."""
 
     concepts: str = ""  # "" = data/concepts/common-visual.txt; a name there or a path
     top_k: int = 100
@@ -158,6 +207,8 @@ class ClipDissectConfig:
     def __post_init__(self) -> None:
         _positive(self, "top_k")
         _unit_interval(self, "p_start", "p_end")
+        if self.p_end > self.p_start:
+            raise ConfigError("clip_dissect.p_end must be <= clip_dissect.p_start")
 
 
 @dataclass(frozen=True)
@@ -173,19 +224,17 @@ class BuildConfig:
     cache_dir: str = ""  # "" = <out>/cache
     chunk_size: int = 64  # neurons processed together (batched model calls)
     shard: str = ""  # "I/N": build only the I-th of N deterministic shares of the neurons
-    cost_mode: str = "efficient"  # efficient | official-shaped (the official implementation's calls, for benchmarks)
     record: RecordConfig = field(default_factory=RecordConfig)
     crop: CropConfig = field(default_factory=CropConfig)
     describe: DescribeConfig = field(default_factory=DescribeConfig)
     dissect: DissectConfig = field(default_factory=DissectConfig)
     labels: LabelConfig = field(default_factory=LabelConfig)
+    fidelity: FidelityConfig = field(default_factory=FidelityConfig)
     clip_dissect: ClipDissectConfig = field(default_factory=ClipDissectConfig)
 
     def __post_init__(self) -> None:
         if self.shard:
             shard_of(self.shard)  # validates
-        if self.cost_mode not in ("efficient", "official-shaped"):
-            raise ConfigError("cost_mode must be 'efficient' or 'official-shaped'")
         if self.labeler not in ("dnd", "clip-dissect"):
             raise ConfigError(f"labeler must be 'dnd' or 'clip-dissect', got {self.labeler!r}")
         if not self.models:
@@ -207,7 +256,7 @@ class BuildConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BuildConfig:
         """Build and validate a config; unknown keys raise ConfigError."""
-        data = dict(data)
+        data = _drop_legacy(dict(data))
         _check_keys(cls, data, "")
         kwargs: dict[str, Any] = {}
         sections = {
@@ -216,6 +265,7 @@ class BuildConfig:
             "describe": DescribeConfig,
             "dissect": DissectConfig,
             "labels": LabelConfig,
+            "fidelity": FidelityConfig,
             "clip_dissect": ClipDissectConfig,
         }
         for key, value in data.items():
@@ -250,6 +300,11 @@ class BuildConfig:
         backend options) replaced: this is what an atlas publishes."""
         return _redact(self.to_dict())
 
+    def redacted_fingerprint(self) -> dict[str, Any]:
+        """``fingerprint`` with secrets replaced: what an atlas's meta keeps to
+        refuse resuming or merging with other settings."""
+        return _redact(self.fingerprint())
+
     def to_json(self) -> str:
         """Canonical JSON (sorted keys): saved in the atlas meta."""
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -266,6 +321,30 @@ class BuildConfig:
         d["describe"].pop("batch_size", None)
         d["dissect"].pop("batch_size", None)
         return d
+
+
+# Keys older configs and atlases hold that mean nothing now, with the one value
+# that is still accepted: `cost_mode = "official-shaped"` moved to the benchmarks
+# (bench/official.py), so "efficient" is how every build runs.
+LEGACY_KEYS = {"cost_mode": "efficient"}
+
+
+def _drop_legacy(data: dict[str, Any]) -> dict[str, Any]:
+    for key, value in LEGACY_KEYS.items():
+        if key in data:
+            if data[key] != value:
+                raise ConfigError(
+                    f"{key} = {data[key]!r} is no longer a build setting (the official implementation's "
+                    "call pattern is reproduced by the benchmarks: python -m bench --only cost); remove it"
+                )
+            del data[key]
+    return data
+
+
+def comparable_fingerprint(fp: dict[str, Any]) -> dict[str, Any]:
+    """A stored build fingerprint without the legacy keys, so an atlas built
+    before they were dropped resumes and merges as it did."""
+    return {k: v for k, v in fp.items() if LEGACY_KEYS.get(k, object()) != v}
 
 
 def preset_names() -> list[str]:

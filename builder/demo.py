@@ -2,8 +2,11 @@
 
 Renders the probe set, writes the build config next to it (so the demo is
 reproducible with ``dnd-atlas build --config DIR/demo.toml``), and builds an
-atlas of two models: ``demo-cnn`` (a small CNN trained on the synthetic
-world; its weights ship in data/) and ``planted`` (exact concept detectors).
+atlas of three models: ``demo-cnn`` (a small CNN trained on the synthetic
+world; its weights ship in data/, and so does a sparse autoencoder on its
+``conv4`` whose latents are the layer ``sae.conv4``), ``planted`` (exact
+concept detectors) and ``planted-dictionary`` (polysemantic mixtures of the
+detectors, ``mixed``, and the SAE that unmixes them, ``sae.mixed``).
 """
 
 from __future__ import annotations
@@ -11,13 +14,18 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from builder.build import BuildSummary, build
 from builder.config import BuildConfig
+from builder.pipeline.records import BuildSummary
+from builder.pipeline.run import build
 
 log = logging.getLogger(__name__)
 
-DEMO_CNN_LAYERS = ("conv3", "conv4", "fc")
+DEMO_CNN_LAYERS = ("conv3", "conv4", "fc", "sae.conv4")
 PLANTED_LAYERS = ("detectors",)
+PLANTED_MIXED_LAYERS = ("mixed", "sae.mixed")
+# sparse autoencoders shipped in data/sae/ (builder/sae.py); their latents are layers "sae.NAME"
+DEMO_CNN_DICTIONARIES = ({"layer": "conv4", "path": "demo-cnn-conv4"},)
+PLANTED_MIXED_DICTIONARIES = ({"layer": "mixed", "path": "planted-mixed"},)
 
 
 def demo_config_dict(out: Path, probe: Path) -> dict:
@@ -26,8 +34,12 @@ def demo_config_dict(out: Path, probe: Path) -> dict:
         "out": str(out / "atlas"),
         "embedder": "minilm",
         "models": [
-            {"name": "demo-cnn", "target": "demo-cnn", "probe": str(probe), "layers": list(DEMO_CNN_LAYERS)},
+            {"name": "demo-cnn", "target": "demo-cnn", "probe": str(probe), "layers": list(DEMO_CNN_LAYERS),
+             "target_options": {"dictionaries": [dict(d) for d in DEMO_CNN_DICTIONARIES]}},
             {"name": "planted", "target": "planted", "probe": str(probe), "layers": list(PLANTED_LAYERS)},
+            {"name": "planted-dictionary", "target": "planted-mixed", "probe": str(probe),
+             "layers": list(PLANTED_MIXED_LAYERS),
+             "target_options": {"dictionaries": [dict(d) for d in PLANTED_MIXED_DICTIONARIES]}},
         ],
         "describe": {"captioner": "oracle", "summarizer": "extractive"},
         "dissect": {

@@ -23,13 +23,13 @@ import numpy as np
 from query.errors import AtlasError, AtlasNotFound, FormatVersionError, QueryError
 from query.index import load_index, read_label_vectors
 from query.records import (
-    Candidate,
-    Evidence,
-    Label,
     LayerInfo,
     ModelInfo,
     NeuronRecord,
     SearchHit,
+    candidate_from_row,
+    evidence_from_row,
+    label_from_row,
 )
 from query.schema import (
     COUNTED_STAGES,
@@ -97,11 +97,17 @@ def resolve_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
 
 
 
-def ok_labels_filter(model: str | None, layer: str | None) -> tuple[str, list[object]]:
+def ok_labels_filter(
+    model: str | None, layer: str | None, min_fidelity: float | None = None
+) -> tuple[str, list[object]]:
     """SQL condition and parameters selecting the labels of ``ok`` neurons,
-    optionally of one model and layer (over ``labels l`` joined with
-    ``neurons n``, as ``query.index.read_label_vectors`` takes it)."""
+    optionally of one model and layer and with a fidelity correlation of at
+    least ``min_fidelity`` (over ``labels l`` joined with ``neurons n``, as
+    ``query.index.read_label_vectors`` takes it)."""
     where, params = ["n.status = 'ok'"], []
+    if min_fidelity is not None:
+        where.append("l.fidelity_correlation >= ?")
+        params.append(float(min_fidelity))
     if model is not None:
         where.append("l.model = ?")
         params.append(model)
@@ -109,6 +115,20 @@ def ok_labels_filter(model: str | None, layer: str | None) -> tuple[str, list[ob
         where.append("l.layer = ?")
         params.append(layer)
     return " AND ".join(where), params
+
+def _check_min_fidelity(value: object) -> float | None:
+    """``min_fidelity`` as a float (a correlation, so in [-1, 1]); ``None`` stays ``None``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1.0 <= float(value) <= 1.0:
+        raise QueryError(f"min_fidelity must be a number from -1 to 1, got {value!r}")
+    return float(value)
+
+
+def _number(value: float) -> float | None:
+    """A float from the label map, ``None`` where the atlas holds NULL (NaN there)."""
+    return None if np.isnan(value) else float(value)
+
 
 class Atlas:
     """An open atlas. Use :meth:`open`; close it (or use ``with``) when done."""
@@ -128,14 +148,16 @@ class Atlas:
 
     @classmethod
     def open(
-        cls, path: str | os.PathLike[str], read_only: bool = True, create: bool = False
+        cls, path: str | os.PathLike[str], read_only: bool = True, create: bool = False,
+        allow_older: bool = False,
     ) -> Atlas:
         """Open the atlas at ``path`` (its directory or its ``atlas.duckdb``).
 
         Read-only (the default) never creates or changes a file and refuses an
-        atlas of another format version. Writable, an older atlas is migrated
-        in place; ``create=True`` makes a new empty atlas when none exists.
-        Raises :class:`AtlasNotFound` or :class:`FormatVersionError`.
+        atlas of another format version, unless ``allow_older`` (for readers
+        that only read what every version has). Writable, an older atlas is
+        migrated in place; ``create=True`` makes a new empty atlas when none
+        exists. Raises :class:`AtlasNotFound` or :class:`FormatVersionError`.
         """
         atlas_dir, db = resolve_paths(path)
         if not db.is_file():
@@ -155,14 +177,14 @@ class Atlas:
                     f"atlas format version {version} is newer than this dnd-atlas supports "
                     f"({FORMAT_VERSION}); upgrade dnd-atlas"
                 )
-            if version < FORMAT_VERSION:
-                if read_only:
-                    raise FormatVersionError(
-                        f"atlas format version {version} is older than this dnd-atlas "
-                        f"({FORMAT_VERSION}); rebuild the atlas, or open it writable "
-                        "(Atlas.open(path, read_only=False)) to migrate it"
-                    )
+            if version < FORMAT_VERSION and not read_only:
                 migrate(con)
+            elif version < FORMAT_VERSION and not allow_older:
+                raise FormatVersionError(
+                    f"atlas format version {version} is older than this dnd-atlas "
+                    f"({FORMAT_VERSION}); rebuild the atlas, or open it writable "
+                    "(Atlas.open(path, read_only=False)) to migrate it"
+                )
         except BaseException:
             con.close()
             raise
@@ -186,7 +208,11 @@ class Atlas:
     def __repr__(self) -> str:
         return f"Atlas({str(self.path)!r}, read_only={self.read_only})"
 
-    def _rows(self, sql: str, params: Iterable[object] = ()) -> list[dict[str, Any]]:
+    def sql(self, sql: str, params: Iterable[object] = ()) -> list[dict[str, Any]]:
+        """Run a read query on the atlas's DuckDB file; rows as dicts.
+
+        >>> atlas.sql("SELECT layer, unit, text FROM labels WHERE rank = 1 LIMIT 5")  # doctest: +SKIP
+        """
         if self.con is None:
             raise AtlasError("the atlas is closed")
         cur = self.con.execute(sql, list(params))
@@ -199,7 +225,7 @@ class Atlas:
     def meta(self) -> dict[str, Any]:
         """The meta table, values JSON-decoded (plain strings stay strings)."""
         if self._meta is None:
-            rows = self._rows("SELECT key, value FROM meta ORDER BY key")
+            rows = self.sql("SELECT key, value FROM meta ORDER BY key")
             self._meta = {r["key"]: _decode(r["value"]) for r in rows}
         return dict(self._meta)
 
@@ -211,14 +237,14 @@ class Atlas:
                 n_probe_images=r["n_probe_images"], n_skipped_images=r["n_skipped_images"],
                 config=_decode(r["config"]) if r["config"] else {},
             )
-            for r in self._rows("SELECT * FROM models ORDER BY model")
+            for r in self.sql("SELECT * FROM models ORDER BY model")
         ]
 
     def layers(self, model: str | None = None) -> list[LayerInfo]:
         """The layers (of ``model``, or of every model) in model order, with status counts."""
         if model is not None:
             self._check_model(model)
-        rows = self._rows(
+        rows = self.sql(
             """
             SELECT l.model, l.layer, l.position, l.kind, l.n_units,
                    count(*) FILTER (WHERE n.status = 'ok') AS n_ok,
@@ -235,7 +261,7 @@ class Atlas:
         return [LayerInfo(**r) for r in rows]
 
     def _model_names(self) -> list[str]:
-        return [r["model"] for r in self._rows(
+        return [r["model"] for r in self.sql(
             "SELECT model FROM models UNION SELECT model FROM layers ORDER BY model")]
 
     def _check_model(self, model: str) -> None:
@@ -247,14 +273,14 @@ class Atlas:
         """The model owning ``layer``: ``model`` itself when given, else the only one."""
         if model is not None:
             self._check_model(model)
-            layers = [r["layer"] for r in self._rows(
+            layers = [r["layer"] for r in self.sql(
                 "SELECT layer FROM layers WHERE model = ? ORDER BY position, layer", [model])]
             if layer not in layers:
                 raise QueryError(
                     f"unknown layer {layer!r} in model {model!r}; valid layers: {_choices(layers)}"
                 )
             return model
-        owners = [r["model"] for r in self._rows(
+        owners = [r["model"] for r in self.sql(
             "SELECT model FROM layers WHERE layer = ? ORDER BY model", [layer])]
         if len(owners) == 1:
             return owners[0]
@@ -262,7 +288,7 @@ class Atlas:
             raise QueryError(
                 f"layer {layer!r} exists in several models ({_choices(owners)}); pass a model"
             )
-        layers = [r["layer"] for r in self._rows(
+        layers = [r["layer"] for r in self.sql(
             "SELECT DISTINCT layer, min(position) AS p FROM layers GROUP BY layer ORDER BY p, layer")]
         raise QueryError(f"unknown layer {layer!r}; valid layers: {_choices(layers)}")
 
@@ -276,12 +302,12 @@ class Atlas:
         layer or unit.
         """
         model = self._resolve_layer(model, layer)
-        row = self._rows(
+        row = self.sql(
             "SELECT * FROM neurons WHERE model = ? AND layer = ? AND unit = ?",
             [model, layer, int(unit)],
         )
         if not row:
-            n_units = self._rows(
+            n_units = self.sql(
                 "SELECT n_units FROM layers WHERE model = ? AND layer = ?", [model, layer]
             )[0]["n_units"]
             if not 0 <= int(unit) < n_units:
@@ -291,38 +317,17 @@ class Atlas:
             raise QueryError(f"neuron {model}/{layer}/{unit} is not in the atlas (not built yet?)")
         n = row[0]
         key = [model, layer, int(unit)]
-        labels = [
-            Label(rank=r["rank"], text=r["text"], concept_score=r["concept_score"])
-            for r in self._rows(
-                "SELECT rank, text, concept_score FROM labels "
-                "WHERE model = ? AND layer = ? AND unit = ? ORDER BY rank", key)
-        ]
-        candidates = [
-            Candidate(
-                position=r["position"], concept=r["concept"], topk_squared=r["topk_squared"],
-                image_products=r["image_products"], score=r["score"],
-                selected_rank=r["selected_rank"],
-                samples=list(_decode(r["samples"]) or []) if r["samples"] else [],
-            )
-            for r in self._rows(
-                "SELECT * FROM candidates WHERE model = ? AND layer = ? AND unit = ? "
-                "ORDER BY position", key)
-        ]
-        evidence = [
-            Evidence(
-                rank=r["rank"], source=r["source"],
-                box=None if r["x0"] is None else (r["x0"], r["y0"], r["x1"], r["y1"]),
-                activation=r["activation"], thumbnail=r["thumbnail"],
-                caption_key=r["caption_key"], caption=r["caption"],
-            )
-            for r in self._rows(
-                "SELECT e.*, c.text AS caption FROM evidence e "
-                "LEFT JOIN captions c ON c.caption_key = e.caption_key "
-                "WHERE e.model = ? AND e.layer = ? AND e.unit = ? ORDER BY e.rank", key)
-        ]
+        labels = [label_from_row(r) for r in self.sql(
+            "SELECT * FROM labels WHERE model = ? AND layer = ? AND unit = ? ORDER BY rank", key)]
+        candidates = [candidate_from_row(r) for r in self.sql(
+            "SELECT * FROM candidates WHERE model = ? AND layer = ? AND unit = ? ORDER BY position", key)]
+        evidence = [evidence_from_row(r) for r in self.sql(
+            "SELECT e.*, c.text AS caption FROM evidence e "
+            "LEFT JOIN captions c ON c.caption_key = e.caption_key "
+            "WHERE e.model = ? AND e.layer = ? AND e.unit = ? ORDER BY e.rank", key)]
         calls = {
             r["stage"]: (int(r["calls"]), int(r["cached"]))
-            for r in self._rows(
+            for r in self.sql(
                 "SELECT stage, calls, cached FROM call_counts "
                 "WHERE model = ? AND layer = ? AND unit = ? ORDER BY stage", key)
         }
@@ -330,17 +335,20 @@ class Atlas:
             model=model, layer=layer, unit=int(unit), status=n["status"], reason=n["reason"],
             max_activation=n["max_activation"], interpretability=n["interpretability"],
             labels=labels, candidates=candidates, evidence=evidence, calls=calls,
+            dropped_crops=n.get("dropped_crops"),
         )
 
     # -- search ------------------------------------------------------------------
 
     def search(
-        self, text: str, k: int = 10, model: str | None = None, layer: str | None = None
+        self, text: str, k: int = 10, model: str | None = None, layer: str | None = None,
+        min_fidelity: float | None = None,
     ) -> list[SearchHit]:
         """The ``k`` neurons whose labels are closest to ``text`` (cosine), best first.
 
         One hit per neuron (its best-matching label wins); only neurons with
-        status 'ok'; optionally restricted to a model and/or a layer. Uses
+        status 'ok'; optionally restricted to a model and/or a layer, and to
+        labels whose fidelity correlation is at least ``min_fidelity``. Uses
         ``descriptions.faiss`` and falls back to exact search over
         ``label_vectors`` when the index is missing or stale. The index and
         the labels are read on the first search and kept while the atlas is
@@ -351,6 +359,7 @@ class Atlas:
         if not isinstance(k, int) or k < 1:
             raise QueryError(f"k must be a positive integer, got {k!r}")
         self._check_search_filter(model, layer)
+        min_fidelity = _check_min_fidelity(min_fidelity)
         query = self._embed_query(text.strip())
         lmap = self._label_map()
         index = self._search_index()
@@ -361,7 +370,7 @@ class Atlas:
                     f"{self.meta.get('embedder')!r} gives {query.shape[0]}; rebuild the index"
                 )
             searcher = self._searcher(index, lmap)
-            allowed = searcher.filter(model, layer)
+            allowed = searcher.filter(model, layer, min_fidelity)
             total = allowed.count
 
             def nearest(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -369,7 +378,7 @@ class Atlas:
                     return searcher.nearest(query, allowed, n)
         else:
             # Filter before ranking: exact search over the neurons that qualify.
-            ids, vecs = read_label_vectors(self.con, *ok_labels_filter(model, layer))
+            ids, vecs = read_label_vectors(self.con, *ok_labels_filter(model, layer, min_fidelity))
             if len(ids) and vecs.shape[1] != query.shape[0]:
                 raise AtlasError(
                     f"label vectors have {vecs.shape[1]} dimensions but embedder "
@@ -390,7 +399,7 @@ class Atlas:
         """Raise :class:`QueryError` for an unknown model or layer (names cached
         once per open atlas: a server checks them on every query)."""
         if self._filter_names is None:
-            pairs = {(r["model"], r["layer"]) for r in self._rows("SELECT model, layer FROM layers")}
+            pairs = {(r["model"], r["layer"]) for r in self.sql("SELECT model, layer FROM layers")}
             self._filter_names = (set(self._model_names()), pairs, {la for _, la in pairs})
         models, pairs, layers = self._filter_names
         if model is not None and layer is not None:
@@ -468,14 +477,29 @@ class Atlas:
         model, layer, unit = lmap.key(row)
         own = lmap.neuron_rows(row)
         first = next((r for r in own if lmap.rank[r] == 1), None)
-        score = None if first is None or np.isnan(lmap.score[first]) else float(lmap.score[first])
         return SearchHit(
             model=model, layer=layer, unit=unit,
             labels=[lmap.text[r].as_py() for r in own],
-            score=score, similarity=sim, matched_label=lmap.text[row].as_py(),
+            score=None if first is None else _number(lmap.score[first]),
+            similarity=sim, matched_label=lmap.text[row].as_py(),
+            fidelity_correlation=_number(lmap.fidelity_correlation[row]),
+            fidelity_auprc=_number(lmap.fidelity_auprc[row]),
         )
 
     # -- overview ----------------------------------------------------------------
+
+    def layer_fidelity(self, model: str | None = None) -> dict[tuple[str, str], dict[str, float | None]]:
+        """(model, layer) -> the layer's fidelity summary written by the build:
+        its labels' mean correlation and AUPRC and the chance levels (shuffled
+        labels); ``{}`` for an atlas older than fidelity."""
+        has = self.sql("SELECT count(*) AS n FROM information_schema.tables WHERE table_name = 'layer_fidelity'")
+        if not has[0]["n"]:
+            return {}
+        out: dict[tuple[str, str], dict[str, float | None]] = {}
+        for r in self.sql("SELECT * FROM layer_fidelity WHERE ?::VARCHAR IS NULL OR model = ? "
+                          "ORDER BY model, layer, metric", [model, model]):
+            out.setdefault((r["model"], r["layer"]), {})[r["metric"]] = r["value"]
+        return out
 
     def summary(self) -> dict[str, Any]:
         """An overview for ``dnd-atlas info``: per model and layer neuron counts by
@@ -488,7 +512,7 @@ class Atlas:
             layers = self.layers(m)
             totals = {s: sum(getattr(li, f"n_{s}") for li in layers) for s in NEURON_STATUSES}
             totals["units"] = sum(li.n_units for li in layers)
-            calls = self._rows(
+            calls = self.sql(
                 """
                 SELECT stage, sum(calls) AS calls, sum(cached) AS cached,
                        count(DISTINCT (layer, unit)) AS neurons
@@ -508,18 +532,19 @@ class Atlas:
             for stage in COUNTED_STAGES:
                 per_neuron.setdefault(stage, {"calls": 0, "cached": 0,
                                               "calls_per_neuron": 0.0, "cached_per_neuron": 0.0})
-            times = {r["stage"]: r["seconds"] for r in self._rows(
+            times = {r["stage"]: r["seconds"] for r in self.sql(
                 "SELECT stage, seconds FROM stage_times WHERE model = ? ORDER BY stage", [m])}
+            fidelity = self.layer_fidelity(m)
             models.append({
                 "model": m,
-                "layers": [li.to_dict() for li in layers],
+                "layers": [{**li.to_dict(), "fidelity": fidelity.get((m, li.layer), {})} for li in layers],
                 "totals": totals,
                 "calls": per_neuron,
                 "stage_seconds": times,
             })
         grand = {s: sum(mo["totals"][s] for mo in models) for s in (*NEURON_STATUSES, "units")}
-        n_labels = self._rows("SELECT count(*) AS n FROM labels")[0]["n"]
-        n_vectors = self._rows("SELECT count(*) AS n FROM label_vectors")[0]["n"]
+        n_labels = self.sql("SELECT count(*) AS n FROM labels")[0]["n"]
+        n_vectors = self.sql("SELECT count(*) AS n FROM label_vectors")[0]["n"]
         index_file = self.path / INDEX_FILE
         return {
             "path": str(self.path),

@@ -1,15 +1,15 @@
 """The ``dnd-atlas`` command line: a thin layer over the library.
 
-Each subcommand is a :class:`Command` in :data:`COMMANDS`: a name, a help
-line, a function adding its arguments and a function running it
-(``run(args) -> int``). Library errors (:class:`query.errors.AtlasError`)
+Each subcommand is a :class:`Command`: a name, a help line, a function
+adding its arguments and a function running it (``run(args) -> int``).
+``query`` declares ``search``, ``neuron``, ``info`` and ``serve``; the
+builder and the site add theirs through entry points (``query.plugins``). Library errors (:class:`query.errors.AtlasError`)
 become one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
@@ -26,28 +26,18 @@ EXIT_INTERRUPTED = 130
 
 @dataclass(frozen=True)
 class Command:
-    """One subcommand: ``add_arguments(parser)`` declares it, ``run(args)`` executes it."""
+    """One subcommand: ``add_arguments(parser)`` declares it, ``run(args)`` executes it.
+
+    ``order`` places it in ``--help``. Other packages add commands by naming a
+    ``Command`` in the ``dnd_atlas.commands`` entry-point group
+    (``query.plugins``); their modules import nothing heavy at import time,
+    since every invocation builds every command's parser."""
 
     name: str
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int | None]
-
-
-def lazy(spec: str) -> Callable[..., Any]:
-    """A function that imports ``module:attr`` on first call and calls it.
-
-    Lets commands owned by other packages (builder, atlas_site) register here
-    without importing them, and torch with them, for every command.
-    """
-    module, _, attr = spec.partition(":")
-
-    def call(*args: Any, **kwargs: Any) -> Any:
-        return getattr(importlib.import_module(module), attr)(*args, **kwargs)
-
-    call.__name__ = attr
-    call.__qualname__ = spec
-    return call
+    order: int = 100
 
 
 # -- output helpers ---------------------------------------------------------------
@@ -98,12 +88,16 @@ def _add_search(p: argparse.ArgumentParser) -> None:
     p.add_argument("-k", type=int, default=10, help="number of neurons to return (default 10)")
     p.add_argument("--model", help="only neurons of this model")
     p.add_argument("--layer", help="only neurons of this layer")
+    p.add_argument("--min-fidelity", type=float, metavar="R",
+                   help="only labels whose fidelity correlation is at least R (how well the label predicts "
+                        "the neuron's activation over the probe set)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def _run_search(args: argparse.Namespace) -> int:
     with _open(args.atlas) as atlas:
-        hits = atlas.search(args.query, k=args.k, model=args.model, layer=args.layer)
+        hits = atlas.search(args.query, k=args.k, model=args.model, layer=args.layer,
+                            min_fidelity=args.min_fidelity)
     if args.json:
         _print_json([h.to_dict() for h in hits])
         return 0
@@ -111,11 +105,12 @@ def _run_search(args: argparse.Namespace) -> int:
         print("no matching neurons")
         return 0
     rows = [
-        (i, h.model, h.layer, h.unit, h.similarity, h.score, h.matched_label, " | ".join(h.labels))
+        (i, h.model, h.layer, h.unit, h.similarity, h.fidelity_correlation, h.score, h.matched_label,
+         " | ".join(h.labels))
         for i, h in enumerate(hits, 1)
     ]
     print(format_table(
-        ["#", "model", "layer", "unit", "similarity", "score", "matched", "labels"], rows))
+        ["#", "model", "layer", "unit", "similarity", "fidelity", "score", "matched", "labels"], rows))
     return 0
 
 
@@ -142,13 +137,15 @@ def _run_neuron(args: argparse.Namespace) -> int:
         ("reason", rec.reason),
         ("max activation", rec.max_activation),
         ("interpretability", rec.interpretability),
+        ("dropped crops", rec.dropped_crops),
     ]))
     sections: list[tuple[str, list[str], list[Sequence[object]]]] = [
-        ("labels", ["rank", "label", "concept score"],
-         [(lb.rank, lb.text, lb.concept_score) for lb in rec.labels]),
-        ("candidates", ["#", "concept", "topk_squared", "image_products", "score", "label rank"],
-         [(c.position, c.concept, c.topk_squared, c.image_products, c.score, c.selected_rank)
-          for c in rec.candidates]),
+        ("labels", ["rank", "label", "concept score", "fidelity r", "fidelity AUPRC"],
+         [(lb.rank, lb.text, lb.concept_score, lb.fidelity_correlation, lb.fidelity_auprc) for lb in rec.labels]),
+        ("candidates", ["#", "concept", "topk_squared", "image_products", "score", "fidelity r", "label rank",
+                        "from"],
+         [(c.position, c.concept, c.topk_squared, c.image_products, c.score, c.fidelity_correlation,
+           c.selected_rank, c.source) for c in rec.candidates]),
         ("evidence", ["rank", "activation", "box", "source", "caption"],
          [(e.rank, e.activation, ",".join(map(str, e.box)) if e.box else "whole",
            e.source, e.caption) for e in rec.evidence]),
@@ -188,8 +185,9 @@ def _run_info(args: argparse.Namespace) -> int:
     for m in s["models"]:
         print(f"\nmodel {m['model']}")
         print(format_table(
-            ["layer", "kind", "units", "ok", "dead", "failed"],
-            [(li["layer"], li["kind"], li["n_units"], li["n_ok"], li["n_dead"], li["n_failed"])
+            ["layer", "kind", "units", "ok", "dead", "failed", "fidelity r", "chance r"],
+            [(li["layer"], li["kind"], li["n_units"], li["n_ok"], li["n_dead"], li["n_failed"],
+              li["fidelity"].get("label_correlation"), li["fidelity"].get("shuffled_correlation"))
              for li in m["layers"]],
         ))
         print(format_table(
@@ -200,38 +198,42 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    from query.server import add_serve_arguments
+
+    add_serve_arguments(p)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from query.server import run_serve
+
+    return run_serve(args)
+
+
 COMMANDS: list[Command] = [
-    Command("search", "find neurons whose labels match a text concept", _add_search, _run_search),
-    Command("neuron", "show everything the atlas knows about one neuron", _add_neuron, _run_neuron),
-    Command("info", "summarize an atlas: models, layers, statuses, call counts", _add_info,
-            _run_info),
-    Command("build", "run the Describe-and-Dissect pipeline and write (or resume) an atlas",
-            lazy("builder.cli:add_build_arguments"), lazy("builder.cli:run_build")),
-    Command("demo", "render the synthetic world and build the demo atlas, offline",
-            lazy("builder.cli:add_demo_arguments"), lazy("builder.cli:run_demo")),
-    Command("eval", "measure label quality (synthetic, final-layer, cosy, classifier) or --compare two atlases",
-            lazy("builder.cli_eval:add_eval_arguments"), lazy("builder.cli_eval:run_eval")),
-    Command("classify", "find neurons to use as classifiers by their descriptions and measure their AUROC",
-            lazy("builder.cli_classify:add_classify_arguments"), lazy("builder.cli_classify:run_classify")),
-    Command("merge", "merge shard atlases (build --shard I/N) into one atlas",
-            lazy("builder.cli_scale:add_merge_arguments"), lazy("builder.cli_scale:run_merge")),
+    Command("search", "find neurons whose labels match a text concept", _add_search, _run_search, 10),
+    Command("neuron", "show everything the atlas knows about one neuron", _add_neuron, _run_neuron, 20),
+    Command("info", "summarize an atlas: models, layers, statuses, call counts", _add_info, _run_info, 30),
     Command("serve", "serve an atlas over HTTP: search, models, layers, neurons, classify, images",
-            lazy("query.server:add_serve_arguments"), lazy("query.server:run_serve")),
-    Command("site", "render an atlas into an mkdocs-material site (GitHub Pages ready)",
-            lazy("atlas_site.cli:add_site_arguments"), lazy("atlas_site.cli:run_site")),
-    # -- Commands owned by other packages ------------------------------------------------
-    # `build`, `demo`, `eval`, `site` (and later `classify`, `serve`, `bench`) are added
-    # HERE, one line each, with their functions imported lazily so that `query` keeps
-    # importing without torch, e.g.:
-    #   Command("build", "run the DnD pipeline and write an atlas",
-    #           lazy("builder.cli:add_build_arguments"), lazy("builder.cli:run_build")),
-    # A lazy add_arguments imports its module when the parser is built (every
-    # invocation), so keep such argument modules free of heavy imports.
+            _add_serve, _run_serve, 90),
 ]
 
 
+def all_commands() -> list[Command]:
+    """This package's commands and those other installed packages add, in
+    help order; a name declared twice is an error."""
+    from query.plugins import plugin_commands
+
+    commands = COMMANDS + plugin_commands()
+    names = [c.name for c in commands]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise AtlasError(f"command {dup[0]!r} is declared twice (reinstall dnd-atlas)")
+    return sorted(commands, key=lambda c: (c.order, c.name))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every command in :data:`COMMANDS`."""
+    """The argument parser with every command (:func:`all_commands`)."""
     parser = argparse.ArgumentParser(
         prog=PROG, description="Build, search, evaluate and publish Describe-and-Dissect neuron atlases.")
     parser.add_argument(
@@ -239,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
         help="logging level (default WARNING)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for cmd in COMMANDS:
+    for cmd in all_commands():
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
         cmd.add_arguments(p)
         p.set_defaults(_run=cmd.run)
@@ -248,7 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 error, 130 interrupted)."""
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except AtlasError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
@@ -264,6 +270,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except ModuleNotFoundError as exc:  # an optional dependency of this command is not installed
+        print(f"{PROG}: error: {args.command} needs the Python package {exc.name!r}, which is not "
+              "installed here (pip install 'dnd-atlas[build]' installs the builder's)", file=sys.stderr)
+        return EXIT_ERROR
     except BrokenPipeError:  # e.g. `dnd-atlas search ... | head`
         sys.stderr.close()
         return 0

@@ -15,3 +15,7 @@ class FormatVersionError(AtlasError):
 
 class QueryError(AtlasError):
     """A query is malformed: empty text, unknown model, layer or unit."""
+
+
+class MergeError(AtlasError):
+    """Shard atlases cannot be merged: other settings, conflicting neurons, a bad output folder."""

@@ -36,12 +36,13 @@ from query.index import EXACT_MAX
 
 log = logging.getLogger(__name__)
 
+FIDELITY_COLUMNS = ("fidelity_correlation", "fidelity_auprc")
 FILTER_CACHE = 8  # filters whose masks and FAISS selectors are kept per open atlas
 SUBSET_CACHE = 2  # selective filters whose gathered vectors are kept (<= EXACT_MAX x d floats each)
 
 _LOAD_SQL = """
     SELECT l.label_id, l.model, l.layer, l.unit, l.rank, l.text, l.concept_score,
-           coalesce(n.status = 'ok', false) AS ok
+           {fidelity}, coalesce(n.status = 'ok', false) AS ok
     FROM labels l
     LEFT JOIN neurons n ON n.model = l.model AND n.layer = l.layer AND n.unit = l.unit
     ORDER BY l.model, l.layer, l.unit, l.rank
@@ -53,7 +54,8 @@ class LabelMap:
     """Every label of an atlas in memory, rows in (model, layer, unit, rank) order.
 
     ``model`` and ``layer`` are codes into ``models`` / ``layers``; ``ok`` says
-    whether the label's neuron has status 'ok'; ``neuron`` numbers the neurons
+    whether the label's neuron has status 'ok'; ``score`` and the fidelity
+    columns are NaN where the atlas holds NULL; ``neuron`` numbers the neurons
     and ``neuron_start[i]:neuron_start[i + 1]`` are neuron ``i``'s rows.
     ``sorted_ids`` / ``sorted_rows`` find the row of a label id.
     """
@@ -66,6 +68,8 @@ class LabelMap:
     unit: np.ndarray
     rank: np.ndarray
     score: np.ndarray
+    fidelity_correlation: np.ndarray
+    fidelity_auprc: np.ndarray
     ok: np.ndarray
     text: pa.Array
     neuron: np.ndarray
@@ -75,10 +79,15 @@ class LabelMap:
 
     @classmethod
     def load(cls, con: duckdb.DuckDBPyConnection) -> LabelMap:
-        """Read the labels (with their neurons' status) in one query."""
+        """Read the labels (with their neurons' status) in one query. An atlas
+        older than format v3 (opened with ``allow_older``) has no fidelity
+        columns: they read as NULL."""
         cur = con.cursor()  # a result the caller left unfinished on ``con`` must not block this
         try:
-            table = cur.sql(_LOAD_SQL).to_arrow_table()
+            columns = {r[0] for r in cur.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = 'labels'").fetchall()}
+            fidelity = ", ".join(f"l.{c}" if c in columns else f"NULL::DOUBLE AS {c}" for c in FIDELITY_COLUMNS)
+            table = cur.sql(_LOAD_SQL.format(fidelity=fidelity)).to_arrow_table()
         finally:
             cur.close()
         model, models = _codes(table.column("model"))
@@ -91,11 +100,15 @@ class LabelMap:
         neuron = (np.cumsum(change) - 1).astype(np.int32)
         ids = table.column("label_id").to_numpy().astype(np.int64)
         order = np.argsort(ids, kind="stable")
-        score = pc.fill_null(table.column("concept_score").cast(pa.float64()), math.nan)
+
+        def floats(name: str) -> np.ndarray:
+            return pc.fill_null(table.column(name).cast(pa.float64()), math.nan).to_numpy()
+
         return cls(
             label_ids=ids, model=model, models=models, layer=layer, layers=layers, unit=unit,
             rank=table.column("rank").to_numpy().astype(np.int16),
-            score=score.to_numpy(), ok=table.column("ok").to_numpy(zero_copy_only=False),
+            score=floats("concept_score"), fidelity_correlation=floats("fidelity_correlation"),
+            fidelity_auprc=floats("fidelity_auprc"), ok=table.column("ok").to_numpy(zero_copy_only=False),
             text=table.column("text").combine_chunks(), neuron=neuron,
             neuron_start=np.append(np.flatnonzero(change), n).astype(np.int64),
             sorted_ids=ids[order], sorted_rows=order.astype(np.int64),
@@ -112,9 +125,14 @@ class LabelMap:
         at = np.minimum(np.searchsorted(self.sorted_ids, ids), len(self.sorted_ids) - 1)
         return np.where(self.sorted_ids[at] == ids, self.sorted_rows[at], -1)
 
-    def mask(self, model: str | None, layer: str | None) -> np.ndarray:
-        """Rows of 'ok' neurons, of ``model`` and ``layer`` when given."""
+    def mask(self, model: str | None, layer: str | None, min_fidelity: float | None = None) -> np.ndarray:
+        """Rows of 'ok' neurons, of ``model`` and ``layer`` when given, and with a
+        fidelity correlation of at least ``min_fidelity`` when given (a label
+        without one never qualifies then, as ``l.fidelity_correlation >= R`` in SQL)."""
         mask = self.ok.copy()
+        if min_fidelity is not None:
+            with np.errstate(invalid="ignore"):
+                mask &= self.fidelity_correlation >= min_fidelity
         for value, names, codes in ((model, self.models, self.model), (layer, self.layers, self.layer)):
             if value is not None:
                 mask &= codes == (names.index(value) if value in names else -1)
@@ -188,7 +206,7 @@ def filtered_nprobe(nprobe: int, nlist: int, total: int, selected: int) -> int:
 
 @dataclass(frozen=True)
 class _Filter:
-    key: tuple[str | None, str | None]
+    key: tuple[str | None, str | None, float | None]
     mask: np.ndarray
     count: int
     selector: Any  # a FAISS IDSelector, or None when every label qualifies
@@ -198,7 +216,7 @@ class _Filter:
 class IndexSearcher:
     """Nearest qualifying labels of a loaded FAISS index (flat or IVF).
 
-    Masks and selectors are cached per (model, layer) filter: building a
+    Masks and selectors are cached per (model, layer, min_fidelity) filter: building a
     selector over 250k ids takes tens of milliseconds, the search one or two.
     Over an IVF index, filters selecting at most ``subset_max`` labels (but
     not all) are searched exactly over their gathered vectors.
@@ -212,22 +230,22 @@ class IndexSearcher:
         self.index = index
         self.lmap = lmap
         self.ivf = faiss.try_extract_index_ivf(index)
-        self._filters: OrderedDict[tuple[str | None, str | None], _Filter] = OrderedDict()
-        self._subsets: OrderedDict[tuple[str | None, str | None], Any] = OrderedDict()
+        self._filters: OrderedDict[tuple[str | None, str | None, float | None], _Filter] = OrderedDict()
+        self._subsets: OrderedDict[tuple[str | None, str | None, float | None], Any] = OrderedDict()
 
-    def filter(self, model: str | None, layer: str | None) -> _Filter:
+    def filter(self, model: str | None, layer: str | None, min_fidelity: float | None = None) -> _Filter:
         """The cached mask and FAISS selector of the labels a search may return."""
-        key = (model, layer)
+        key = (model, layer, min_fidelity)
         if key in self._filters:
             self._filters.move_to_end(key)
             return self._filters[key]
-        f = self._make_filter(key, self.lmap.mask(model, layer))
+        f = self._make_filter(key, self.lmap.mask(model, layer, min_fidelity))
         self._filters[key] = f
         if len(self._filters) > FILTER_CACHE:
             self._filters.popitem(last=False)
         return f
 
-    def _make_filter(self, key: tuple[str | None, str | None], mask: np.ndarray) -> _Filter:
+    def _make_filter(self, key: tuple[str | None, str | None, float | None], mask: np.ndarray) -> _Filter:
         import faiss
 
         count = int(mask.sum())

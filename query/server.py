@@ -275,10 +275,12 @@ def create_app(atlas_dir: str | os.PathLike[str], preload: bool = False):
                                            description="only neurons of this model")] = None,
         layer: Annotated[str | None, Query(max_length=MAX_NAME_CHARS,
                                            description="only neurons of this layer")] = None,
+        min_fidelity: Annotated[float | None, Query(ge=-1.0, le=1.0, description=(
+            "only labels whose fidelity correlation is at least this"))] = None,
     ) -> list[SearchHit]:
         with readers.search_lock:
             readers.embedder()  # 501 when it cannot load, before blaming the query
-            return readers.main.search(q, k=k, model=model, layer=layer)
+            return readers.main.search(q, k=k, model=model, layer=layer, min_fidelity=min_fidelity)
 
     @app.get("/models", response_model=list[ModelInfo], summary="the target models")
     def models() -> list[ModelInfo]:
@@ -305,10 +307,14 @@ def create_app(atlas_dir: str | os.PathLike[str], preload: bool = False):
     @app.post("/classify", response_model=dict[str, Any], responses=errors(400, 404, 422, 501),
               summary="neurons usable as zero-training classifiers of a concept")
     def classify(request: Annotated[ClassifyRequest, Body()]) -> dict[str, Any]:
+        from query.plugins import service
+
         try:
-            from builder.classify import classify as run_classify
+            run_classify = service("classify")
         except ImportError as exc:
             raise ApiError(501, f"classify needs the builder and torch: {_one_line(exc)}")
+        if run_classify is None:
+            raise ApiError(501, "classify is not installed on this server (pip install 'dnd-atlas[build]')")
         images = Path(request.images)  # literal: no ~ expansion on the server
         try:
             is_dir = images.is_dir()

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -23,66 +20,12 @@ def minilm():
 
 @pytest.fixture
 def make_atlas(tmp_path, minilm):
-    """Factory: ``make_atlas(neurons, sql=(), meta=None, index=True, name="atlas") -> Path``.
+    """Factory: ``make_atlas(neurons, sql=(), meta=None, index=True, name="atlas") -> Path``
+    (see :func:`testkit.atlases.write_atlas`): an atlas written with SQL in
+    the test's tmp folder, label vectors from the real minilm embedder."""
+    from testkit.atlases import write_atlas
 
-    ``neurons`` are dicts with ``model``, ``layer``, ``unit``, ``labels`` (texts,
-    rank order) and optional ``status``, ``reason``, ``max_activation``,
-    ``interpretability``, ``scores`` (concept score per label). Models and
-    layers rows are derived from them; ``sql`` statements run afterwards for
-    anything else (candidates, evidence, ...). Label vectors come from the real
-    minilm embedder; ``index=False`` skips writing descriptions.faiss.
-    """
-    import duckdb
-
-    from query.index import build_index, insert_label_vectors
-    from query.schema import DB_FILE, label_id, migrate
-
-    def make(
-        neurons: list[dict[str, Any]],
-        sql: list[str] | tuple[str, ...] = (),
-        meta: dict[str, Any] | None = None,
-        index: bool = True,
-        name: str = "atlas",
-    ) -> Path:
-        atlas_dir = tmp_path / name
-        (atlas_dir / "images").mkdir(parents=True)
-        con = duckdb.connect(str(atlas_dir / DB_FILE))
-        try:
-            migrate(con)
-            meta_rows = {"embedder": "minilm", "embedder_dim": minilm.dim,
-                         "build_config": {"fixture": True}, **(meta or {})}
-            con.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                            [(k, json.dumps(v)) for k, v in meta_rows.items()])
-            layers: dict[tuple[str, str], int] = {}
-            for n in neurons:
-                key = (n["model"], n["layer"])
-                layers[key] = max(layers.get(key, 0), n["unit"] + 1)
-            for model in sorted({m for m, _ in layers}):
-                con.execute("INSERT INTO models VALUES (?, 'fixture', 'probe', 10, 0, '{}')", [model])
-            for pos, ((model, layer), n_units) in enumerate(layers.items()):
-                con.execute("INSERT INTO layers VALUES (?, ?, ?, 'conv', ?)",
-                            [model, layer, pos, n_units])
-            ids, texts = [], []
-            for n in neurons:
-                con.execute(
-                    "INSERT INTO neurons VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [n["model"], n["layer"], n["unit"], n.get("status", "ok"), n.get("reason"),
-                     n.get("max_activation", 1.0), n.get("interpretability", 0.5)])
-                scores = n.get("scores") or [1.0 - 0.1 * r for r in range(len(n["labels"]))]
-                for rank, (text, score) in enumerate(zip(n["labels"], scores), 1):
-                    lid = label_id(n["model"], n["layer"], n["unit"], rank)
-                    con.execute("INSERT INTO labels VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                                [lid, n["model"], n["layer"], n["unit"], rank, text, score, 0.5])
-                    ids.append(lid)
-                    texts.append(text)
-            if ids:
-                insert_label_vectors(con, ids, minilm.embed(texts))
-            for stmt in sql:
-                con.execute(stmt)
-            if index:
-                build_index(atlas_dir, con=con)
-        finally:
-            con.close()
-        return atlas_dir
+    def make(neurons, sql=(), meta=None, index=True, name="atlas"):
+        return write_atlas(tmp_path / name, minilm, neurons, sql, meta, index)
 
     return make

@@ -1,6 +1,5 @@
-"""The synthetic world: procedural scenes with exact ground truth, and the
-backends built on it. Importing this package registers the ``oracle``
-captioner, the ``procedural`` generator and the ``planted`` and ``demo-cnn``
-targets."""
-
-from builder.synthetic import demo_cnn, generator, oracle, planted  # noqa: F401
+"""The synthetic worlds (``shapes``, the demo's, and ``marks``): procedural
+scenes with exact ground truth, and the backends built on them (the
+``oracle`` captioner, the ``procedural`` generator, the ``planted``,
+``demo-cnn``, ``planted-marks``, ``marks-cnn`` and ``planted-mixed`` targets; named in
+``builder.backends.builtin``)."""

@@ -26,7 +26,6 @@ from PIL import Image
 from torch import nn
 
 from builder.errors import BackendError
-from builder.registry import targets
 from builder.synthetic.world import COLORS, PATTERNS, SHAPES, Scene, render_full, sample_scene
 
 log = logging.getLogger(__name__)
@@ -254,12 +253,6 @@ def demo_cnn(weights: str | None = None) -> tuple[nn.Module, Callable[[Image.Ima
     return load_demo_cnn(weights), preprocess
 
 
-# Under `python -m builder.synthetic.demo_cnn` this file runs a second time as
-# __main__ after the package import already registered it.
-if __name__ != "__main__":
-    targets.register("demo-cnn")(demo_cnn)
-
-
 def main(argv: list[str] | None = None) -> None:
     """CLI: train the demo CNN and print its validation metrics as JSON."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -277,6 +270,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from builder.synthetic.demo_cnn import main as _main
-
-    _main()
+    main()

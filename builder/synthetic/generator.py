@@ -1,5 +1,6 @@
 """The procedural text-to-image generator: renders scenes showing what a
-prompt names, standing in for Stable Diffusion in the synthetic world."""
+prompt names, standing in for Stable Diffusion in a synthetic world
+(``world = "shapes"``, the default, or ``"marks"``)."""
 
 from __future__ import annotations
 
@@ -11,19 +12,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from builder.backends import Generator
-from builder.registry import generators
-from builder.synthetic.world import (
-    BACKGROUNDS,
-    COLORS,
-    PATTERNS,
-    SHAPES,
-    Scene,
-    concept_terms,
-    place_objects,
-    render,
-    sample_object,
-)
+from builder.backends.interfaces import Generator
+from builder.synthetic.worlds import DEFAULT_WORLD, get_world
 
 GENERATOR_VERSION = 1
 
@@ -34,63 +24,52 @@ def normalize_prompt(prompt: str) -> str:
     return " ".join(re.findall(r"[a-z0-9]+", prompt.lower()))
 
 
-def _rng_for(prompt: str, i: int, seed: int, size: int) -> np.random.Generator:
-    key = f"procedural-v{GENERATOR_VERSION}|{normalize_prompt(prompt)}|{i}|{seed}|{size}"
+def _rng_for(prompt: str, i: int, seed: int, size: int, world: str) -> np.random.Generator:
+    where = "" if world == DEFAULT_WORLD else f"{world}|"  # the shapes world keeps its old keys
+    key = f"procedural-v{GENERATOR_VERSION}|{where}{normalize_prompt(prompt)}|{i}|{seed}|{size}"
     digest = hashlib.sha256(key.encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:16], "big"))
 
 
 class ProceduralGenerator(Generator):
-    """Renders ``n`` scenes per prompt. The prominent object (``objects[0]``,
-    medium or large, never overlapped by another object) has every shape,
-    color and pattern the prompt names (``concept_terms``); a named background
-    sets the background. When the prompt names several values of one kind
-    ("red or blue"), each image picks one of them. Everything not named is
-    random, unknown words are ignored, and a prompt naming nothing gives
-    random scenes. Image ``i`` depends only on (normalized prompt, i, seed,
-    size)."""
+    """Renders ``n`` scenes per prompt in ``world``. The prominent object
+    (``objects[0]``, never overlapped by another object) has every shape,
+    color and pattern (shapes world) or mark kind and ink (marks world) the
+    prompt names (the world's ``concept_terms``); a named background sets the
+    background. When the prompt names several values of one kind ("red or
+    blue"), each image picks one of them. Everything not named is random,
+    unknown words are ignored, and a prompt naming nothing gives random
+    scenes. Image ``i`` depends only on (world, normalized prompt, i, seed,
+    size). ``size`` defaults to the world's (64 or 128 px)."""
 
     name = "procedural"
 
-    def __init__(self, size: int = 64) -> None:
-        self.size = int(size)
+    def __init__(self, size: int | None = None, world: str = DEFAULT_WORLD) -> None:
+        self.world = get_world(world)
+        self.size = self.world.default_size if size is None else int(size)
 
     def config_key(self) -> dict[str, Any]:
-        """Name, renderer version and image size."""
-        return {"name": self.name, "version": GENERATOR_VERSION, "size": self.size}
+        """Name, renderer version, image size and (other than shapes) world."""
+        key: dict[str, Any] = {"name": self.name, "version": GENERATOR_VERSION, "size": self.size}
+        if self.world.name != DEFAULT_WORLD:
+            key["world"] = self.world.name
+        return key
 
-    def scene_for(self, prompt: str, i: int, seed: int) -> Scene:
+    def scene_for(self, prompt: str, i: int, seed: int) -> Any:
         """The scene of image ``i`` of ``prompt``."""
-        rng = _rng_for(prompt, i, seed, self.size)
-        terms = concept_terms(prompt)
-
-        def pick(values: Sequence[str]) -> str | None:
-            named = [v for v in values if v in terms]
-            return named[int(rng.integers(len(named)))] if named else None
-
-        shape, color, pattern = pick(SHAPES), pick(list(COLORS)), pick(PATTERNS)
-        background = pick(BACKGROUNDS)
-        size_class = ("medium", "large")[int(rng.integers(2))]
-        first = sample_object(
-            rng, self.size, shape=shape, color=color, pattern=pattern, size_class=size_class
-        )
-        n_others = int(rng.integers(0, 3))
-        others = [sample_object(rng, self.size, size_class="small") for _ in range(n_others)]
-        objects = place_objects(rng, [first, *others], self.size)
-        if background is None:
-            background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
-        return Scene(objects, background, int(rng.integers(0, 2**31 - 1)), self.size)
+        rng = _rng_for(prompt, i, seed, self.size, self.world.name)
+        return self.world.scene_for_terms(rng, self.world.concept_terms(prompt), self.size)
 
     def generate_with_scenes(
         self, prompts: Sequence[str], n: int, seed: int
-    ) -> list[list[tuple[Image.Image, Scene]]]:
+    ) -> list[list[tuple[Image.Image, Any]]]:
         """Like ``generate`` but each image comes with the scene it shows."""
         out = []
         for prompt in prompts:
             row = []
             for i in range(n):
                 scene = self.scene_for(prompt, i, seed)
-                row.append((render(scene)[0], scene))
+                row.append((self.world.render_image(scene), scene))
             out.append(row)
         return out
 
@@ -98,8 +77,3 @@ class ProceduralGenerator(Generator):
         """``n`` RGB images per prompt (see the class docstring)."""
         return [[img for img, _ in row] for row in self.generate_with_scenes(prompts, n, seed)]
 
-
-@generators.register("procedural")
-def procedural_generator(size: int = 64) -> ProceduralGenerator:
-    """Generator factory: the procedural renderer at ``size`` pixels."""
-    return ProceduralGenerator(size=size)

@@ -1,6 +1,7 @@
 """The oracle captioner: exact captions of synthetic probe images (or crops
 of them) from the render metadata, so the Describe stage has no captioning
-error and label quality measures the rest of the pipeline."""
+error and label quality measures the rest of the pipeline. It captions the
+world the probe folder's manifest names (shapes or marks)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,16 @@ from typing import Any
 
 import numpy as np
 
-from builder.backends import Captioner, CaptionItem
+from builder.backends.interfaces import Captioner, CaptionItem
 from builder.errors import BackendError
-from builder.registry import captioners
-from builder.synthetic.probe import load_masks, load_world_index, read_manifest
-from builder.synthetic.world import Scene, caption
+from builder.synthetic.probe import load_truth, load_world_index, manifest_world, read_manifest
 
 
 class OracleCaptioner(Captioner):
     """Captions items whose ``source`` is a file of the synthetic probe set in
     ``probe_dir`` (relative to it, like "images/00000.png", or an absolute
-    path inside it) with ``world.caption(scene, masks, item.box)``."""
+    path inside it) with the caption rule of the folder's world
+    (``world.caption`` or ``marks_captions.caption``) for ``item.box``."""
 
     name = "oracle"
 
@@ -30,8 +30,9 @@ class OracleCaptioner(Captioner):
         if manifest is None:
             raise BackendError(f"oracle captioner: {self.root} is not a synthetic probe set")
         self.manifest = manifest
+        self.world = manifest_world(manifest)
         self._index = load_world_index(self.root)
-        self._masks: dict[str, np.ndarray] = {}
+        self._truth: dict[str, dict[str, np.ndarray]] = {}
 
     def config_key(self) -> dict[str, Any]:
         """Name plus the world manifest (n, size, seed, format version)."""
@@ -53,7 +54,7 @@ class OracleCaptioner(Captioner):
             )
         return key
 
-    def scene_of(self, source: str) -> Scene:
+    def scene_of(self, source: str) -> Any:
         """The scene rendered in probe file ``source``."""
         return self._index[self._key(source)][0]
 
@@ -63,13 +64,8 @@ class OracleCaptioner(Captioner):
         for item in items:
             key = self._key(item.source)
             scene = self._index[key][0]
-            if key not in self._masks:
-                self._masks[key] = load_masks(self.root, key)
-            out.append(caption(scene, self._masks[key], item.box))
+            if key not in self._truth:
+                self._truth[key] = load_truth(self.root, key)
+            out.append(self.world.caption(scene, self._truth[key], item.box))
         return out
 
-
-@captioners.register("oracle")
-def oracle_captioner(probe_dir: str) -> OracleCaptioner:
-    """Captioner factory: the oracle over the synthetic probe set ``probe_dir``."""
-    return OracleCaptioner(probe_dir)

@@ -27,7 +27,6 @@ import torch
 from PIL import Image
 from torch import nn
 
-from builder.registry import targets
 from builder.synthetic.world import COLORS, PATTERNS, fill_colors
 
 PLANTED_CONCEPTS: list[tuple[str, ...]] = [
@@ -89,13 +88,20 @@ class ExactDetectors(nn.Module):
         self.register_buffer("table", torch.from_numpy(table), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = torch.round(x.clamp(0, 1) * 255).to(torch.int64)
-        code = (q[:, 0] << 16) | (q[:, 1] << 8) | q[:, 2]  # (B, H, W)
-        idx = torch.searchsorted(self.codes, code).clamp(max=len(self.codes) - 1)
-        found = self.codes[idx] == code
-        idx = torch.where(found, idx, torch.full_like(idx, len(self.codes)))
-        out = self.table[:, idx]  # (U, B, H, W)
-        return out.permute(1, 0, 2, 3).contiguous().to(x.dtype)
+        return lookup_codes(x, self.codes, self.table)
+
+
+def lookup_codes(x: torch.Tensor, codes: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Per-pixel table lookup by exact RGB: (B, 3, H, W) in [0, 1] -> (B, U, H,
+    W) with ``table[:, j]`` where the pixel's code r<<16|g<<8|b is
+    ``codes[j]`` (sorted) and ``table[:, -1]`` elsewhere."""
+    q = torch.round(x.clamp(0, 1) * 255).to(torch.int64)
+    code = (q[:, 0] << 16) | (q[:, 1] << 8) | q[:, 2]  # (B, H, W)
+    idx = torch.searchsorted(codes, code).clamp(max=len(codes) - 1)
+    found = codes[idx] == code
+    idx = torch.where(found, idx, torch.full_like(idx, len(codes)))
+    out = table[:, idx]  # (U, B, H, W)
+    return out.permute(1, 0, 2, 3).contiguous().to(x.dtype)
 
 
 class SpatialMax(nn.Module):
@@ -130,7 +136,6 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 255.0
 
 
-@targets.register("planted")
 def planted_model() -> tuple[PlantedModel, Callable[[Image.Image], torch.Tensor]]:
     """Target factory: (the planted-neuron model in eval mode, ToTensor preprocess)."""
     return PlantedModel().eval(), to_tensor

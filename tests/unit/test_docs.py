@@ -4,20 +4,29 @@ import dataclasses
 import re
 from pathlib import Path
 
-from builder.config import BuildConfig, CropConfig, DescribeConfig, DissectConfig, LabelConfig, ModelConfig, RecordConfig
-from query.cli import COMMANDS
+from builder.config import (
+    FidelityConfig,
+    BuildConfig,
+    CropConfig,
+    DescribeConfig,
+    DissectConfig,
+    LabelConfig,
+    ModelConfig,
+    RecordConfig,
+)
+from query.cli import all_commands
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
 
 def test_every_command_is_documented():
-    for cmd in COMMANDS:
+    for cmd in all_commands():
         assert re.search(rf"dnd-atlas {cmd.name}\b", README), f"README lacks `dnd-atlas {cmd.name}`"
 
 
 def test_every_config_key_is_documented():
     sections = {"record": RecordConfig, "crop": CropConfig, "describe": DescribeConfig,
-                "dissect": DissectConfig, "labels": LabelConfig}
+                "dissect": DissectConfig, "labels": LabelConfig, "fidelity": FidelityConfig}
     for f in dataclasses.fields(BuildConfig):
         assert re.search(rf"^{f.name}\b|^\[{f.name}\]|^\[\[{f.name}\]\]", README, re.M), f"README lacks {f.name}"
     for cls in [ModelConfig, *sections.values()]:

@@ -1,0 +1,34 @@
+"""The benchmarks' code paths, at smoke size (slow: `make test-all`)."""
+
+import pytest
+
+
+@pytest.mark.slow
+def test_gpu_shapes_smoke_runs_the_whole_pipeline():
+    from bench.gpu_shapes import run
+
+    out = run(smoke=True, neurons=2, probe_images=30)
+    assert out["gpu_shapes_neurons"] == "2"
+    assert float(out["gpu_shapes_s_per_neuron_generate"]) > 0
+
+
+def test_gpu_shapes_says_when_there_is_no_gpu():
+    import torch
+
+    from bench.gpu_shapes import run
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert "no CUDA device" in run()["gpu_shapes"]
+
+
+def test_site_bench_smoke_has_photographic_thumbnails():
+    from bench.site import run_one
+    from bench.site_atlas import BenchAtlas
+
+    out = run_one("tiny", BenchAtlas(n_layers=2, units=300, n_probe=200, n_concepts=40,
+                                     photo=True, dim=16))
+    assert out["site_pages_tiny"] == "7"   # home, model, 2 layers, neuron, search, 404
+    assert 3.0 <= float(out["site_image_kb_mean_tiny"]) <= 6.0   # the weight of real photos
+    assert int(out["site_images_tiny"]) <= 200 + 40 * 3          # each image once
+    assert float(out["site_build_s_tiny"]) > 0

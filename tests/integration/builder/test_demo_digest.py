@@ -1,0 +1,32 @@
+"""The demo atlas is pinned: a 600-image demo build, and a CLIP-Dissect build
+of the same config, must reproduce the committed digests of their content
+tables (neurons, labels, candidates, evidence, captions) row for row.
+
+A change meant to alter labels updates ``tests/data/demo_600_digest.json``
+on purpose (``python -m testkit.atlas_tables DEMO_DIR`` prints the new one,
+with the DnD atlas in DEMO_DIR/atlas and the CLIP-Dissect one in
+DEMO_DIR/clip-dissect); any other change that moves a row is a regression.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from builder.demo import run_demo
+from builder.pipeline.run import build
+from testkit.atlas_tables import table_digest
+
+DIGESTS = json.loads((Path(__file__).resolve().parents[2] / "data" / "demo_600_digest.json").read_text())
+
+
+def test_demo_atlas_matches_the_committed_digest(tmp_path):
+    summary = run_demo(tmp_path, n_images=600, seed=0)
+    assert summary.models[0].neurons + summary.models[1].neurons == DIGESTS["dnd"]["neurons"][0]
+    assert table_digest(tmp_path / "atlas") == DIGESTS["dnd"]
+    from builder.config import load_config
+
+    cfg = load_config(tmp_path / "demo.toml", [f"out={json.dumps(str(tmp_path / 'clip-dissect'))}"])
+    build(dataclasses.replace(cfg, labeler="clip-dissect"))
+    assert table_digest(tmp_path / "clip-dissect") == DIGESTS["clip-dissect"]
