@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import cost, dictionary, embedder, gpu_shapes, pipeline, recording, search, site, worlds
+from bench import cold_search, cost, dictionary, embedder, gpu_shapes, pipeline, recording, search, site, worlds
 
 BENCHES = {"recording": recording.run, "search": search.run, "search_1m": search.run_large,
            "pipeline": pipeline.run, "cost": cost.run, "site": site.run, "gpu_shapes": gpu_shapes.run,
-           "embedder": embedder.run, "worlds": worlds.run, "dictionary": dictionary.run}
+           "embedder": embedder.run, "worlds": worlds.run, "dictionary": dictionary.run,
+           "cold_search": cold_search.run}
 
 
 def main(argv: list[str] | None = None) -> int:

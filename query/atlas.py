@@ -20,8 +20,10 @@ from typing import Any
 import duckdb
 import numpy as np
 
+from query.dberrors import GuardedConnection, db_error
 from query.errors import AtlasError, AtlasNotFound, FormatVersionError, QueryError
 from query.index import load_index, read_label_vectors
+from query.ranking import rank_neurons, ranking_complete, text_similarities
 from query.records import (
     LayerInfo,
     ModelInfo,
@@ -40,7 +42,7 @@ from query.schema import (
     current_version,
     migrate,
 )
-from query.search import IndexSearcher, LabelMap, group_by_neuron
+from query.search import IndexSearcher, LabelMap
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +145,7 @@ class Atlas:
         self._labels: LabelMap | None = None
         self._index_searcher: IndexSearcher | None = None
         self._filter_names: tuple[set[str], set[tuple[str, str]], set[str]] | None = None
+        self._embedder: Any = None
 
     # -- opening -----------------------------------------------------------------
 
@@ -165,9 +168,11 @@ class Atlas:
                 raise AtlasNotFound(f"no atlas at {path} (missing {db})")
             atlas_dir.mkdir(parents=True, exist_ok=True)
         try:
-            con = duckdb.connect(str(db), read_only=read_only)
+            raw = duckdb.connect(str(db), read_only=read_only)
         except duckdb.Error as exc:
-            raise AtlasError(f"cannot open {db}: {str(exc).splitlines()[0]}") from None
+            raise db_error(exc, db, "open") from None
+        # a truncated or damaged file fails on some later read: one line then too
+        con = GuardedConnection(raw, db, "read" if read_only else "write", hold_interrupts=not read_only)
         try:
             version = current_version(con)
             if version == 0 and not create:
@@ -371,7 +376,7 @@ class Atlas:
                 )
             searcher = self._searcher(index, lmap)
             allowed = searcher.filter(model, layer, min_fidelity)
-            total = allowed.count
+            total, mask = allowed.count, allowed.mask
 
             def nearest(n: int) -> tuple[np.ndarray, np.ndarray]:
                 with _faiss_threads(1):
@@ -387,13 +392,13 @@ class Atlas:
             all_sims = vecs @ query if len(ids) else np.zeros(0, dtype=np.float32)
             order = np.argsort(-all_sims, kind="stable")
             rows = lmap.rows(ids)
-            total = len(ids)
+            total, mask = len(ids), lmap.mask(model, layer, min_fidelity)
 
             def nearest(n: int) -> tuple[np.ndarray, np.ndarray]:
                 top = order[:n]
                 return rows[top], all_sims[top]
 
-        return self._rank(nearest, total, k, lmap)
+        return self._rank(nearest, total, k, lmap, mask)
 
     def _check_search_filter(self, model: str | None, layer: str | None) -> None:
         """Raise :class:`QueryError` for an unknown model or layer (names cached
@@ -411,13 +416,30 @@ class Atlas:
         elif layer is not None and layer not in layers:
             self._resolve_layer(None, layer)
 
-    def _embed_query(self, text: str) -> np.ndarray:
-        from query.embedder import get_embedder
+    @property
+    def embedder(self) -> Any:
+        """The query embedder of :meth:`search`, loaded on first use.
 
-        name = self.meta.get("embedder")
-        if not name:
-            raise AtlasError("the atlas meta has no 'embedder'; rebuild the atlas")
-        return get_embedder(str(name)).embed([text])[0]
+        The atlas's own ONNX embedder when it carries one (onnxruntime, no
+        torch), else the sentence-transformers model its meta names
+        (:func:`query.onnx_embedder.query_embedder`). Assign any object with
+        ``embed(texts)`` and ``dim`` to search through another one.
+        """
+        if self._embedder is None:
+            from query.onnx_embedder import query_embedder
+
+            name = self.meta.get("embedder")
+            if not name:
+                raise AtlasError("the atlas meta has no 'embedder'; rebuild the atlas")
+            self._embedder = query_embedder(self.path, str(name))
+        return self._embedder
+
+    @embedder.setter
+    def embedder(self, value: Any) -> None:
+        self._embedder = value
+
+    def _embed_query(self, text: str) -> np.ndarray:
+        return self.embedder.embed([text])[0]
 
     def _search_index(self) -> Any:
         """The FAISS index when it is present and current, else ``None`` (logged once)."""
@@ -457,20 +479,31 @@ class Atlas:
         total: int,
         k: int,
         lmap: LabelMap,
+        mask: np.ndarray,
     ) -> list[SearchHit]:
-        """Group the nearest qualifying labels per neuron. ``nearest(n)`` returns
-        only qualifying labels, so 3k of them hold k neurons (a neuron has at
-        most 3 labels); fetch more only if they do not."""
+        """The ``k`` best neurons from the nearest labels, by :mod:`query.ranking`'s rules
+        (copies of a text tie, ties go to the smaller key), over-fetching until
+        the ranking cannot change."""
         if total == 0:
             return []
         n = min(total, 3 * k)
         while True:
             rows, sims = nearest(n)
-            best = group_by_neuron(lmap, rows, sims, k)
-            if len(best) >= k or n >= total:
+            texts = [lmap.text[r].as_py() for r in rows.tolist()]
+            text_sim = text_similarities(texts, sims.tolist())
+            carriers = lmap.carriers(rows, mask)
+            top = rank_neurons(text_sim, ((lmap.key(r), int(lmap.rank[r]), lmap.text[r].as_py())
+                                          for r in carriers.tolist()), k)
+            last = float(sims[-1]) if len(sims) else float("-inf")
+            if ranking_complete(top, k, last, n >= total):
                 break
             n = min(total, n * 2)
-        return [self._hit(lmap, row, sim) for row, sim in best]
+        matched: dict[tuple[tuple[str, str, int], str], tuple[int, int]] = {}
+        for r in carriers.tolist():  # the neuron's label that gave its score
+            key = (lmap.key(r), lmap.text[r].as_py())
+            if key not in matched or lmap.rank[r] < matched[key][0]:
+                matched[key] = (int(lmap.rank[r]), r)
+        return [self._hit(lmap, matched[t.key, t.text][1], t.similarity) for t in top]
 
     @staticmethod
     def _hit(lmap: LabelMap, row: int, sim: float) -> SearchHit:

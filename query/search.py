@@ -57,7 +57,9 @@ class LabelMap:
     whether the label's neuron has status 'ok'; ``score`` and the fidelity
     columns are NaN where the atlas holds NULL; ``neuron`` numbers the neurons
     and ``neuron_start[i]:neuron_start[i + 1]`` are neuron ``i``'s rows.
-    ``sorted_ids`` / ``sorted_rows`` find the row of a label id.
+    ``sorted_ids`` / ``sorted_rows`` find the row of a label id; ``text_code``
+    numbers the distinct texts and ``text_rows[text_start[c]:text_start[c + 1]]``
+    are the rows of text ``c`` (every copy of a label text, for the ranking).
     """
 
     label_ids: np.ndarray
@@ -76,6 +78,9 @@ class LabelMap:
     neuron_start: np.ndarray
     sorted_ids: np.ndarray
     sorted_rows: np.ndarray
+    text_code: np.ndarray
+    text_rows: np.ndarray
+    text_start: np.ndarray
 
     @classmethod
     def load(cls, con: duckdb.DuckDBPyConnection) -> LabelMap:
@@ -100,6 +105,9 @@ class LabelMap:
         neuron = (np.cumsum(change) - 1).astype(np.int32)
         ids = table.column("label_id").to_numpy().astype(np.int64)
         order = np.argsort(ids, kind="stable")
+        text_code, texts = _codes(table.column("text"))
+        text_rows = np.argsort(text_code, kind="stable").astype(np.int64)
+        text_start = np.searchsorted(text_code[text_rows], np.arange(len(texts) + 1)).astype(np.int64)
 
         def floats(name: str) -> np.ndarray:
             return pc.fill_null(table.column(name).cast(pa.float64()), math.nan).to_numpy()
@@ -112,6 +120,7 @@ class LabelMap:
             text=table.column("text").combine_chunks(), neuron=neuron,
             neuron_start=np.append(np.flatnonzero(change), n).astype(np.int64),
             sorted_ids=ids[order], sorted_rows=order.astype(np.int64),
+            text_code=text_code, text_rows=text_rows, text_start=text_start,
         )
 
     def __len__(self) -> int:
@@ -138,6 +147,14 @@ class LabelMap:
                 mask &= codes == (names.index(value) if value in names else -1)
         return mask
 
+    def carriers(self, rows: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """The rows selected by ``mask`` whose text is the text of one of ``rows``."""
+        codes = np.unique(self.text_code[np.asarray(rows, dtype=np.int64)])
+        if not len(codes):
+            return np.zeros(0, dtype=np.int64)
+        out = np.concatenate([self.text_rows[self.text_start[c]:self.text_start[c + 1]] for c in codes.tolist()])
+        return out[mask[out]]
+
     def key(self, row: int) -> tuple[str, str, int]:
         """``(model, layer, unit)`` of a row."""
         return self.models[self.model[row]], self.layers[self.layer[row]], int(self.unit[row])
@@ -152,22 +169,6 @@ def _codes(column: pa.ChunkedArray) -> tuple[np.ndarray, tuple[str, ...]]:
     encoded = pc.dictionary_encode(column).combine_chunks()
     return (encoded.indices.to_numpy(zero_copy_only=False).astype(np.int32),
             tuple(encoded.dictionary.to_pylist()))
-
-
-def group_by_neuron(lmap: LabelMap, rows: np.ndarray, sims: np.ndarray, k: int) -> list[tuple[int, float]]:
-    """The first row of each neuron, in the given (best first) order, up to ``k``."""
-    seen: set[int] = set()
-    best: list[tuple[int, float]] = []
-    for row, sim in zip(rows.tolist(), sims.tolist()):
-        if row < 0:
-            continue
-        nid = int(lmap.neuron[row])
-        if nid not in seen:
-            seen.add(nid)
-            best.append((row, float(sim)))
-            if len(best) == k:
-                break
-    return best
 
 
 def ivf_vectors(ivf: Any, want: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -101,13 +101,17 @@ class Calls:
 @dataclass
 class ModelSummary:
     """What a build did for one model: neurons written this run per status,
-    probe images skipped, recording throughput, calls and seconds per stage."""
+    failed neurons of earlier runs redone (``retried``) and how many of them
+    failed again (``still_failed``), probe images skipped, recording
+    throughput, calls and seconds per stage."""
 
     model: str
     neurons: int = 0
     ok: int = 0
     dead: int = 0
     failed: int = 0
+    retried: int = 0
+    still_failed: int = 0
     skipped_images: int = 0
     images_per_s: float = float("nan")
     calls: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
@@ -144,6 +148,7 @@ class BuildSummary:
             "models": [
                 {
                     "model": m.model, "neurons": m.neurons, "ok": m.ok, "dead": m.dead, "failed": m.failed,
+                    "retried_failed": m.retried, "still_failed": m.still_failed,
                     "skipped_images": m.skipped_images, "record_images_per_s": round(m.images_per_s, 1),
                     "calls_per_neuron": {
                         s: {"calls": round(c / max(1, m.ok), 2), "cached": round(h / max(1, m.ok), 2)}
@@ -164,6 +169,12 @@ class BuildSummary:
                 f"{m.failed} failed; {m.skipped_images} probe images skipped; "
                 f"recording {m.images_per_s:.1f} images/s"
             )
+            if m.retried:
+                lines.append(f"    {m.retried} neurons failed in an earlier run and were retried: "
+                             f"{m.retried - m.still_failed} now described, {m.still_failed} still failed")
+            if m.failed:
+                lines.append(f"    {m.failed} failed neurons keep their reason in the atlas "
+                             "(dnd-atlas neuron); run the same command again to retry them")
             for s, (c, h) in sorted(m.calls.items()):
                 lines.append(f"    {s:<22} {c / max(1, m.ok):8.2f} calls/neuron  ({h / max(1, m.ok):.2f} from cache)")
             for k, v in m.seconds.items():
