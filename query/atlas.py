@@ -489,20 +489,20 @@ class Atlas:
         n = min(total, 3 * k)
         while True:
             rows, sims = nearest(n)
-            texts = [lmap.text[r].as_py() for r in rows.tolist()]
-            text_sim = text_similarities(texts, sims.tolist())
+            # texts by their codes in the label map (same text, same code)
+            text_sim = text_similarities(lmap.text_code[rows].tolist(), sims.tolist())
             carriers = lmap.carriers(rows, mask)
-            top = rank_neurons(text_sim, ((lmap.key(r), int(lmap.rank[r]), lmap.text[r].as_py())
-                                          for r in carriers.tolist()), k)
+            keys = lmap.keys(carriers)
+            ranks, codes = lmap.rank[carriers].tolist(), lmap.text_code[carriers].tolist()
+            top = rank_neurons(text_sim, zip(keys, ranks, codes), k)
             last = float(sims[-1]) if len(sims) else float("-inf")
             if ranking_complete(top, k, last, n >= total):
                 break
             n = min(total, n * 2)
-        matched: dict[tuple[tuple[str, str, int], str], tuple[int, int]] = {}
-        for r in carriers.tolist():  # the neuron's label that gave its score
-            key = (lmap.key(r), lmap.text[r].as_py())
-            if key not in matched or lmap.rank[r] < matched[key][0]:
-                matched[key] = (int(lmap.rank[r]), r)
+        matched: dict[tuple[tuple[str, str, int], int], tuple[int, int]] = {}
+        for key, rank, code, row in zip(keys, ranks, codes, carriers.tolist()):  # the label that gave the score
+            if (key, code) not in matched or rank < matched[key, code][0]:
+                matched[key, code] = (rank, row)
         return [self._hit(lmap, matched[t.key, t.text][1], t.similarity) for t in top]
 
     @staticmethod

@@ -155,6 +155,12 @@ class LabelMap:
         out = np.concatenate([self.text_rows[self.text_start[c]:self.text_start[c + 1]] for c in codes.tolist()])
         return out[mask[out]]
 
+    def keys(self, rows: np.ndarray) -> list[tuple[str, str, int]]:
+        """``(model, layer, unit)`` of each of ``rows``."""
+        models, layers = self.models, self.layers
+        return [(models[m], layers[la], u) for m, la, u in
+                zip(self.model[rows].tolist(), self.layer[rows].tolist(), self.unit[rows].tolist())]
+
     def key(self, row: int) -> tuple[str, str, int]:
         """``(model, layer, unit)`` of a row."""
         return self.models[self.model[row]], self.layers[self.layer[row]], int(self.unit[row])
