@@ -24,10 +24,10 @@ from bench import (
     worlds,
 )
 
-BENCHES = {"recording": recording.run, "search": search.run, "pipeline": pipeline.run, "cost": cost.run,
-           "site": site.run, "gpu_shapes": gpu_shapes.run, "embedder": embedder.run, "worlds": worlds.run,
-           "dictionary": dictionary.run, "cold_search": cold_search.run, "serve": serve.run,
-           "fidelity": fidelity.run}
+BENCHES = {"recording": recording.run, "search": search.run, "search_1m": search.run_large,
+           "pipeline": pipeline.run, "cost": cost.run, "site": site.run, "gpu_shapes": gpu_shapes.run,
+           "embedder": embedder.run, "worlds": worlds.run, "dictionary": dictionary.run,
+           "cold_search": cold_search.run, "serve": serve.run, "fidelity": fidelity.run}
 
 
 def main(argv: list[str] | None = None) -> int:

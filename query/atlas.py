@@ -43,6 +43,7 @@ from query.schema import (
     current_version,
     migrate,
 )
+from query.search import IndexSearcher, LabelMap
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,20 @@ def ok_labels_filter(
         params.append(layer)
     return " AND ".join(where), params
 
+def _check_min_fidelity(value: object) -> float | None:
+    """``min_fidelity`` as a float (a correlation, so in [-1, 1]); ``None`` stays ``None``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1.0 <= float(value) <= 1.0:
+        raise QueryError(f"min_fidelity must be a number from -1 to 1, got {value!r}")
+    return float(value)
+
+
+def _number(value: float) -> float | None:
+    """A float from the label map, ``None`` where the atlas holds NULL (NaN there)."""
+    return None if np.isnan(value) else float(value)
+
+
 class Atlas:
     """An open atlas. Use :meth:`open`; close it (or use ``with``) when done."""
 
@@ -128,6 +143,9 @@ class Atlas:
         self._meta: dict[str, Any] | None = None
         self._index: Any = None
         self._index_checked = False
+        self._labels: LabelMap | None = None
+        self._index_searcher: IndexSearcher | None = None
+        self._filter_names: tuple[set[str], set[tuple[str, str]], set[str]] | None = None
         self._embedder: Any = None
 
     # -- opening -----------------------------------------------------------------
@@ -185,6 +203,8 @@ class Atlas:
             self.con.close()
             self.con = None  # type: ignore[assignment]
         self._index = None
+        self._labels = None
+        self._index_searcher = None
 
     def __enter__(self) -> Atlas:
         return self
@@ -337,22 +357,18 @@ class Atlas:
         status 'ok'; optionally restricted to a model and/or a layer, and to
         labels whose fidelity correlation is at least ``min_fidelity``. Uses
         ``descriptions.faiss`` and falls back to exact search over
-        ``label_vectors`` when the index is missing or stale.
+        ``label_vectors`` when the index is missing or stale. The index and
+        the labels are read on the first search and kept while the atlas is
+        open (reopen it to see labels written since).
         """
         if not isinstance(text, str) or not text.strip():
             raise QueryError("empty search query")
         if not isinstance(k, int) or k < 1:
             raise QueryError(f"k must be a positive integer, got {k!r}")
-        if model is not None and layer is not None:
-            self._resolve_layer(model, layer)
-        elif model is not None:
-            self._check_model(model)
-        elif layer is not None:
-            known = self.sql("SELECT 1 FROM layers WHERE layer = ? LIMIT 1", [layer])
-            if not known:
-                self._resolve_layer(None, layer)  # raises, listing the valid layers
-
+        self._check_search_filter(model, layer)
+        min_fidelity = _check_min_fidelity(min_fidelity)
         query = self._embed_query(text.strip())
+        lmap = self._label_map()
         index = self._search_index()
         if index is not None:
             if index.d != query.shape[0]:
@@ -360,13 +376,13 @@ class Atlas:
                     f"{INDEX_FILE} has {index.d} dimensions but embedder "
                     f"{self.meta.get('embedder')!r} gives {query.shape[0]}; rebuild the index"
                 )
-            total = index.ntotal
+            searcher = self._searcher(index, lmap)
+            allowed = searcher.filter(model, layer, min_fidelity)
+            total, mask = allowed.count, allowed.mask
 
             def nearest(n: int) -> tuple[np.ndarray, np.ndarray]:
                 with _faiss_threads(1):
-                    sims, ids = index.search(query[None, :], n)
-                keep = ids[0] >= 0
-                return ids[0][keep], sims[0][keep]
+                    return searcher.nearest(query, allowed, n)
         else:
             # Filter before ranking: exact search over the neurons that qualify.
             ids, vecs = read_label_vectors(self.con, *ok_labels_filter(model, layer, min_fidelity))
@@ -377,13 +393,30 @@ class Atlas:
                 )
             all_sims = vecs @ query if len(ids) else np.zeros(0, dtype=np.float32)
             order = np.argsort(-all_sims, kind="stable")
-            total = len(ids)
+            rows = lmap.rows(ids)
+            total, mask = len(ids), lmap.mask(model, layer, min_fidelity)
 
             def nearest(n: int) -> tuple[np.ndarray, np.ndarray]:
                 top = order[:n]
-                return ids[top], all_sims[top]
+                return rows[top], all_sims[top]
 
-        return self._rank(nearest, total, k, model, layer, min_fidelity)
+        return self._rank(nearest, total, k, lmap, mask)
+
+    def _check_search_filter(self, model: str | None, layer: str | None) -> None:
+        """Raise :class:`QueryError` for an unknown model or layer (names cached
+        once per open atlas: a server checks them on every query)."""
+        if self._filter_names is None:
+            pairs = {(r["model"], r["layer"]) for r in self.sql("SELECT model, layer FROM layers")}
+            self._filter_names = (set(self._model_names()), pairs, {la for _, la in pairs})
+        models, pairs, layers = self._filter_names
+        if model is not None and layer is not None:
+            if (model, layer) not in pairs:
+                self._resolve_layer(model, layer)  # raises, listing the valid choices
+        elif model is not None:
+            if model not in models:
+                self._check_model(model)
+        elif layer is not None and layer not in layers:
+            self._resolve_layer(None, layer)
 
     @property
     def embedder(self) -> Any:
@@ -415,11 +448,11 @@ class Atlas:
         if self._index_checked:
             return self._index
         self._index_checked = True
-        n_labels = self.sql("SELECT count(*) AS n FROM labels")[0]["n"]
+        n_labels = len(self._label_map())
         if not (self.path / INDEX_FILE).is_file():
             log.warning("%s is missing; using exact search over label_vectors", INDEX_FILE)
             return None
-        index = load_index(self.path)
+        index = load_index(self.path, self.meta.get("index_params") or None)
         if index.ntotal != n_labels:
             log.warning(
                 "%s holds %d vectors but the atlas has %d labels (stale index); "
@@ -429,85 +462,64 @@ class Atlas:
         self._index = index
         return index
 
+    def _label_map(self) -> LabelMap:
+        """Every label in memory (loaded on the first search; one query)."""
+        if self._labels is None:
+            if self.con is None:
+                raise AtlasError("the atlas is closed")
+            self._labels = LabelMap.load(self.con)
+        return self._labels
+
+    def _searcher(self, index: Any, lmap: LabelMap) -> IndexSearcher:
+        if self._index_searcher is None:
+            self._index_searcher = IndexSearcher(index, lmap)
+        return self._index_searcher
+
     def _rank(
         self,
         nearest: Callable[[int], tuple[np.ndarray, np.ndarray]],
         total: int,
         k: int,
-        model: str | None,
-        layer: str | None,
-        min_fidelity: float | None = None,
+        lmap: LabelMap,
+        mask: np.ndarray,
     ) -> list[SearchHit]:
         """The ``k`` best neurons from the nearest labels, by :mod:`query.ranking`'s rules
         (copies of a text tie, ties go to the smaller key), over-fetching until
         the ranking cannot change."""
         if total == 0:
             return []
-        where, params = ok_labels_filter(model, layer, min_fidelity)
-        n = min(total, max(3 * k, 32))  # up to 3 labels per neuron
+        n = min(total, 3 * k)
         while True:
-            ids, sims = nearest(n)
-            text_of = {r["label_id"]: r["text"] for r in self.sql(
-                "SELECT l.label_id, l.text FROM labels l "
-                "JOIN neurons n ON n.model = l.model AND n.layer = l.layer AND n.unit = l.unit "
-                f"WHERE l.label_id IN (SELECT unnest(?::BIGINT[])) AND {where}",
-                [ids.tolist(), *params],
-            )}
-            fetched = [(text_of[i], s) for i, s in zip(ids.tolist(), sims.tolist()) if i in text_of]
-            text_sim = text_similarities([t for t, _ in fetched], [s for _, s in fetched])
-            carriers = self._carriers(list(text_sim), where, params)
-            top = rank_neurons(text_sim, [c[:3] for c in carriers], k)
+            rows, sims = nearest(n)
+            # texts by their codes in the label map (same text, same code)
+            text_sim = text_similarities(lmap.text_code[rows].tolist(), sims.tolist())
+            carriers = lmap.carriers(rows, mask)
+            keys = lmap.keys(carriers)
+            ranks, codes = lmap.rank[carriers].tolist(), lmap.text_code[carriers].tolist()
+            top = rank_neurons(text_sim, zip(keys, ranks, codes), k)
             last = float(sims[-1]) if len(sims) else float("-inf")
             if ranking_complete(top, k, last, n >= total):
                 break
             n = min(total, n * 2)
-        matched: dict[tuple[tuple[str, str, int], str], tuple[int, dict[str, Any]]] = {}
-        for key, rank, text, row in carriers:  # the neuron's label that gave its score
-            if (key, text) not in matched or rank < matched[key, text][0]:
-                matched[key, text] = (rank, row)
-        return self._hits([(r.key, (r.similarity, matched[r.key, r.text][1])) for r in top])
+        matched: dict[tuple[tuple[str, str, int], int], tuple[int, int]] = {}
+        for key, rank, code, row in zip(keys, ranks, codes, carriers.tolist()):  # the label that gave the score
+            if (key, code) not in matched or rank < matched[key, code][0]:
+                matched[key, code] = (rank, row)
+        return [self._hit(lmap, matched[t.key, t.text][1], t.similarity) for t in top]
 
-    def _carriers(self, texts: list[str], where: str, params: list[object]
-                  ) -> list[tuple[tuple[str, str, int], int, str, dict[str, Any]]]:
-        """``(key, rank, text, row)`` of every qualifying label whose text is one of
-        ``texts`` (``row``: its text and fidelity, for the hit)."""
-        if not texts:
-            return []
-        rows = self.sql(
-            "SELECT l.model, l.layer, l.unit, l.rank, l.text, l.fidelity_correlation, l.fidelity_auprc "
-            "FROM labels l "
-            "JOIN neurons n ON n.model = l.model AND n.layer = l.layer AND n.unit = l.unit "
-            f"WHERE l.text IN (SELECT unnest(?::VARCHAR[])) AND {where}",
-            [texts, *params],
+    @staticmethod
+    def _hit(lmap: LabelMap, row: int, sim: float) -> SearchHit:
+        model, layer, unit = lmap.key(row)
+        own = lmap.neuron_rows(row)
+        first = next((r for r in own if lmap.rank[r] == 1), None)
+        return SearchHit(
+            model=model, layer=layer, unit=unit,
+            labels=[lmap.text[r].as_py() for r in own],
+            score=None if first is None else _number(lmap.score[first]),
+            similarity=sim, matched_label=lmap.text[row].as_py(),
+            fidelity_correlation=_number(lmap.fidelity_correlation[row]),
+            fidelity_auprc=_number(lmap.fidelity_auprc[row]),
         )
-        return [((r["model"], r["layer"], int(r["unit"])), int(r["rank"]), r["text"], r) for r in rows]
-
-    def _hits(self, top: list[tuple[tuple[str, str, int], tuple[float, dict[str, Any]]]]) -> list[SearchHit]:
-        if not top:
-            return []
-        keys = [f"{m}\x00{l}\x00{u}" for (m, l, u), _ in top]
-        rows = self.sql(
-            "SELECT model, layer, unit, rank, text, concept_score FROM labels "
-            "WHERE model || chr(0) || layer || chr(0) || unit::VARCHAR IN (SELECT unnest(?::VARCHAR[])) "
-            "ORDER BY model, layer, unit, rank",
-            [keys],
-        )
-        labels: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
-        for r in rows:
-            labels.setdefault((r["model"], r["layer"], r["unit"]), []).append(r)
-        hits = []
-        for key, (sim, matched) in top:
-            own = labels.get(key, [])
-            first = next((r for r in own if r["rank"] == 1), None)
-            hits.append(SearchHit(
-                model=key[0], layer=key[1], unit=key[2],
-                labels=[r["text"] for r in own],
-                score=first["concept_score"] if first else None,
-                similarity=sim, matched_label=matched["text"],
-                fidelity_correlation=matched.get("fidelity_correlation"),
-                fidelity_auprc=matched.get("fidelity_auprc"),
-            ))
-        return hits
 
     # -- overview ----------------------------------------------------------------
 
