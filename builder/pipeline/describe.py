@@ -45,12 +45,19 @@ def caption_key(evidence_key: str, captioner: Captioner) -> str:
     return content_key("caption", evidence_key, captioner.config_key())
 
 
+class NoCaption(Exception):
+    """What the cache hands back for an image the captioner has no caption
+    for (an Exception value is returned but never stored: asked again next build)."""
+
+
 def caption_evidence(
     run: ModelRun, captioner: Captioner, chunk: Sequence[NeuronKey],
     evidence: dict[NeuronKey, list[EvidenceItem]], images: dict[str, Image.Image], calls: Calls,
-) -> dict[NeuronKey, list[str]]:
+) -> dict[NeuronKey, list[str | None]]:
     """Step 2a: one caption per evidence item of every neuron of the chunk,
-    in evidence order; each distinct image is captioned once."""
+    in evidence order; each distinct image is captioned once. None where the
+    captioner has no caption (an image missing from ``captions.jsonl``): the
+    neuron is described from its other images."""
     item_of: dict[str, CaptionItem] = {}
     for n in chunk:
         for e in evidence[n]:
@@ -59,14 +66,14 @@ def caption_evidence(
     keys = {k: caption_key(k, captioner) for k in images}
     bs = run.cfg.describe.batch_size
 
-    def compute(missing: list[str]) -> list[str]:
-        texts: list[str] = []
+    def compute(missing: list[str]) -> list[Any]:
+        texts: list[Any] = []
         for i in range(0, len(missing), bs):
             part = missing[i : i + bs]
             got = captioner.caption([item_of[k] for k in part])
             if len(got) != len(part):
                 raise BuildError(f"captioner {captioner.name!r} returned {len(got)} captions for {len(part)} images")
-            texts += [str(t) for t in got]
+            texts += [NoCaption() if t is None else str(t) for t in got]
         return texts
 
     caps, fresh = run.cache.fetch("caption", keys, compute, encode=str.encode, decode=bytes.decode)
@@ -76,16 +83,24 @@ def caption_evidence(
             k = run.evidence_key(e)
             calls.charge(n, "captioner_images", keys[k] in fresh and k not in charged)
             charged.add(k)
-    return {n: [caps[run.evidence_key(e)] for e in evidence[n]] for n in chunk}
+    return {n: [None if isinstance(c, NoCaption) else c for c in (caps[run.evidence_key(e)] for e in evidence[n])]
+            for n in chunk}
 
 
 def propose_candidates(
     run: ModelRun, summarizer: Summarizer, chunk: Sequence[NeuronKey],
-    captions: dict[NeuronKey, list[str]], calls: Calls,
+    captions: dict[NeuronKey, list[str | None]], calls: Calls,
 ) -> tuple[dict[NeuronKey, list[str]], dict[NeuronKey, str]]:
-    """Step 2b: up to N normalized, distinct candidate concepts per neuron,
-    and the reason of every neuron the summarizer failed."""
+    """Step 2b: up to N normalized, distinct candidate concepts per neuron
+    (from the captions there are: None marks an image without one), and the
+    reason of every neuron the summarizer failed or that has no caption."""
     n_cand = run.cfg.describe.n_candidates
+    failures: dict[NeuronKey, str] = {}
+    for n in chunk:
+        if all(c is None for c in captions[n]):
+            failures[n] = f"the captioner has no caption for any of the neuron's {len(captions[n])} top images"
+    chunk = [n for n in chunk if n not in failures]
+    captions = {n: [c for c in captions[n] if c is not None] for n in chunk}
     keys = {n: content_key("summarize", captions[n], n_cand, summarizer.config_key()) for n in chunk}
     usage: dict[NeuronKey, dict[str, int]] = {}
 
@@ -98,7 +113,6 @@ def propose_candidates(
     got, fresh = run.cache.fetch("summarize", keys, compute, encode=lambda v: json.dumps(v).encode(),
                                  decode=json.loads)
     candidates: dict[NeuronKey, list[str]] = {}
-    failures: dict[NeuronKey, str] = {}
     asked: set[str] = set()
     for n in chunk:
         if n in usage:  # a remote summarizer counted its HTTP requests (re-asks too) and tokens

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.backends.targets import Target
-from builder.cache import ContentCache, content_key, file_digest
+from builder.cache import ContentCache, content_key
 from builder.config import BuildConfig, ModelConfig
 from builder.probe import ProbeSet
 
@@ -59,9 +59,10 @@ class ModelRun:
         return list(self.model.layers)
 
     def digest(self, image: int) -> str:
-        """sha256 of probe image ``image``'s bytes (read once per build)."""
+        """sha256 of probe image ``image``'s bytes (read once per build; a
+        file that vanished or changed since the scan raises ProbeFileChanged)."""
         if image not in self.digests:
-            self.digests[image] = file_digest(self.probe.path(image))
+            self.digests[image] = self.probe.digest(image)
         return self.digests[image]
 
     def evidence_key(self, e: EvidenceItem) -> str:
@@ -97,6 +98,7 @@ class ModelSummary:
     dead: int = 0
     failed: int = 0
     skipped_images: int = 0
+    missing_captions: int = 0  # evidence rows the captioner had no caption for (precomputed, oracle)
     images_per_s: float = float("nan")
     calls: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
@@ -132,7 +134,8 @@ class BuildSummary:
             "models": [
                 {
                     "model": m.model, "neurons": m.neurons, "ok": m.ok, "dead": m.dead, "failed": m.failed,
-                    "skipped_images": m.skipped_images, "record_images_per_s": round(m.images_per_s, 1),
+                    "skipped_images": m.skipped_images, "missing_captions": m.missing_captions,
+                    "record_images_per_s": round(m.images_per_s, 1),
                     "calls_per_neuron": {
                         s: {"calls": round(c / max(1, m.ok), 2), "cached": round(h / max(1, m.ok), 2)}
                         for s, (c, h) in sorted(m.calls.items())
@@ -150,7 +153,8 @@ class BuildSummary:
             lines.append(
                 f"  {m.model}: {m.neurons} neurons written this run: {m.ok} ok, {m.dead} dead, "
                 f"{m.failed} failed; {m.skipped_images} probe images skipped; "
-                f"recording {m.images_per_s:.1f} images/s"
+                + (f"{m.missing_captions} evidence images without a caption; " if m.missing_captions else "")
+                + f"recording {m.images_per_s:.1f} images/s"
             )
             for s, (c, h) in sorted(m.calls.items()):
                 lines.append(f"    {s:<22} {c / max(1, m.ok):8.2f} calls/neuron  ({h / max(1, m.ok):.2f} from cache)")

@@ -15,7 +15,7 @@ import logging
 import time
 from pathlib import Path
 
-from builder.backends.targets import load_target, resolve_device, resolve_dtype, target_fingerprint
+from builder.backends.targets import fit_to_probe, load_target, resolve_device, resolve_dtype, target_fingerprint
 from builder.cache import ContentCache
 from builder.config import BuildConfig, ModelConfig
 from builder.errors import ConfigError
@@ -24,7 +24,7 @@ from builder.pipeline.dnd import DnDLabeler
 from builder.pipeline.labeler import Labeler, Recording
 from builder.pipeline.neurons import is_dead, todo_neurons
 from builder.pipeline.records import BuildSummary, ModelRun, ModelSummary, NeuronKey
-from builder.pipeline.resume import build_meta, check_resume
+from builder.pipeline.resume import build_meta, check_probe, check_resume
 from builder.pipeline.write import with_label_vectors
 from builder.probe import ProbeSet
 from builder.progress import progress
@@ -75,7 +75,8 @@ def load_model(cfg: BuildConfig, m: ModelConfig, cache: ContentCache, images_dir
     device = resolve_device(cfg.device)
     target = load_target(m.name, m.target, m.target_options, device, resolve_dtype(cfg.dtype, device))
     target.check_layers(m.layers)
-    probe = ProbeSet.scan(m.probe)
+    probe = ProbeSet.scan(m.probe, max_pixels=cfg.record.max_image_pixels)
+    target = fit_to_probe(target, probe)  # a preprocess that keeps sizes gets one size for every image
     return ModelRun(cfg, m, target, probe, target_fingerprint(target, m.target, m.target_options),
                     m.summary or cfg.record.summary, cache, images_dir)
 
@@ -86,6 +87,7 @@ def _build_model(
     stats = ModelSummary(m.name)
     with stats.timed("load"):
         run = load_model(cfg, m, cache, writer.dir / "images")
+        check_probe(writer, run)  # a resume whose probe folder changed is refused, naming the changes
     with stats.timed("record"):
         rec = labeler.record(run, stats)
         _write_model(run, rec, labeler, writer)
