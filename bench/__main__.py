@@ -9,7 +9,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import cost, dictionary, embedder, gpu_shapes, hostile, pipeline, recording, search, site, worlds
+from bench import (
+    cost,
+    dictionary,
+    embedder,
+    gpu_shapes,
+    hostile,
+    pipeline,
+    recording,
+    search,
+    site,
+    worlds,
+)
 
 BENCHES = {"recording": recording.run, "search": search.run, "pipeline": pipeline.run, "cost": cost.run,
            "site": site.run, "gpu_shapes": gpu_shapes.run, "embedder": embedder.run, "worlds": worlds.run,

@@ -386,8 +386,9 @@ class ClipDissectLabeler(Labeler):
         acts, kinds, valid = record_all(run.target, run.probe, m.layers, self.cache_dir / f"acts-{key[:32]}.npy",
                                         run.summary, m.vit_tokens, run.cfg.record.batch_size,
                                         run.cfg.record.num_workers)
-        return FullRecording(acts, kinds, valid, m.layers,
-                             int(valid.sum()) / max(1e-9, time.perf_counter() - t0))
+        rec = FullRecording(acts, kinds, valid, m.layers, int(valid.sum()) / max(1e-9, time.perf_counter() - t0))
+        rec.n_skipped += len(run.probe.rejected)  # entries the scan skipped (FIFOs, broken links) count too
+        return rec
 
     def label(self, run: ModelRun, rec: Recording, neurons: list[NeuronKey],
               stats: ModelSummary) -> Iterator[list[NeuronResult]]:
