@@ -52,12 +52,12 @@ def make_atlas(path: Path, n_labels: int = 100_000, seed: int = 0) -> int:
         "model": ["bench"] * n_neurons, "layer": [layer_of(u) for u in range(n_neurons)],
         "unit": list(range(n_neurons)), "status": ["ok"] * n_neurons,
     }))
-    con.execute("INSERT INTO neurons SELECT model, layer, unit, status, NULL, 1.0, 0.5 FROM n")
+    con.execute("INSERT INTO neurons (model, layer, unit, status, reason, max_activation, interpretability) SELECT model, layer, unit, status, NULL, 1.0, 0.5 FROM n")
     con.register("l", pa.table({
         "label_id": ids, "layer": [layer_of(int(u)) for u in units], "unit": units.tolist(),
         "rank": ranks.tolist(), "text": [texts[i % len(texts)] for i in range(n_labels)],
     }))
-    con.execute("INSERT INTO labels SELECT label_id, 'bench', layer, unit, rank, text, 1.0, 0.5 FROM l")
+    con.execute("INSERT INTO labels (label_id, model, layer, unit, rank, text, concept_score, interpretability) SELECT label_id, 'bench', layer, unit, rank, text, 1.0, 0.5 FROM l")
     con.execute("INSERT INTO models VALUES ('bench', 'bench', 'none', 0, 0, '{}')")
     for i in range(4):
         con.execute("INSERT INTO layers VALUES ('bench', ?, ?, 'conv', ?)", [f"layer{i + 1}", i, n_neurons // 4])

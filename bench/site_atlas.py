@@ -217,7 +217,7 @@ def _tables(con, shape: BenchAtlas) -> None:
     grid = f"FROM range({shape.n_layers}) t(li), range({shape.units}) s(u)"
     layer = "'layer' || (li + 1)"
     live = "u % 97 <> 0"
-    con.execute(f"INSERT INTO neurons SELECT 'resnet', {layer}, u, "
+    con.execute(f"INSERT INTO neurons (model, layer, unit, status, reason, max_activation, interpretability) SELECT 'resnet', {layer}, u, "
                 f"CASE WHEN {live} THEN 'ok' ELSE 'dead' END, "
                 f"CASE WHEN {live} THEN NULL ELSE 'constant activation' END, "
                 f"random() * 10, random() {grid}")
@@ -226,7 +226,7 @@ def _tables(con, shape: BenchAtlas) -> None:
     con.execute(f"INSERT INTO captions SELECT 'c' || sid, source, NULL, NULL, NULL, NULL, "
                 f"'bench', {words!r}[1 + sid % 97] || ' (' || sid || ')' FROM probe")
     sid = _MIX_SQL.format(a="li", b="u", c="k") + f" % {shape.n_probe}"
-    con.execute(f"""INSERT INTO evidence SELECT 'resnet', {layer}, u, k, p.source,
+    con.execute(f"""INSERT INTO evidence (model, layer, unit, rank, source, x0, y0, x1, y1, activation, thumbnail, caption_key) SELECT 'resnet', {layer}, u, k, p.source,
                     CASE WHEN k % 2 = 0 THEN 8 * k END, CASE WHEN k % 2 = 0 THEN 4 * k END,
                     CASE WHEN k % 2 = 0 THEN 8 * k + 120 END,
                     CASE WHEN k % 2 = 0 THEN 4 * k + 90 END,
@@ -234,7 +234,7 @@ def _tables(con, shape: BenchAtlas) -> None:
                     {grid}, range(1, {TOP_K + 1}) e(k) JOIN probe p ON p.sid = {sid}
                     WHERE {live}""")
     cid = _MIX_SQL.format(a="li", b="u", c="q + 100") + f" % {shape.n_concepts}"
-    con.execute(f"""INSERT INTO candidates SELECT 'resnet', {layer}, u, q, c.text,
+    con.execute(f"""INSERT INTO candidates (model, layer, unit, position, concept, topk_squared, image_products, score, selected_rank, samples) SELECT 'resnet', {layer}, u, q, c.text,
                     random() * 100, random(), random() * 5, CASE WHEN q < 3 THEN q + 1 END,
                     c.samples
                     {grid}, range({N_CANDIDATES}) e(q) JOIN concepts c ON c.cid = {cid}

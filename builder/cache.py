@@ -24,7 +24,7 @@ V = TypeVar("V")
 
 STAGE_VERSIONS = {
     "record": 1,
-    "crops": 1,
+    "crops": 2,
     "caption": 1,
     "summarize": 1,
     "generate": 1,

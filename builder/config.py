@@ -86,10 +86,13 @@ class CropConfig:
     iou_keep: float = 0.5  # keep a box if IoU <= this with every kept box
     iou_image: float = 0.8  # ... and IoU < this with the whole image
     min_size: int = 4  # ignore boxes smaller than this many pixels a side
+    min_fraction: float = 0.1  # ... or smaller than this fraction of the image's side
+    max_per_image: int = 4  # evidence items (the image and its crops) one probe image may hold in a top-K
+    heatmaps: bool = True  # store each evidence image's activation map (also when crops are off)
 
     def __post_init__(self) -> None:
-        _positive(self, "max_crops")
-        _unit_interval(self, "iou_keep", "iou_image")
+        _positive(self, "max_crops", "max_per_image")
+        _unit_interval(self, "iou_keep", "iou_image", "min_fraction")
 
 
 @dataclass(frozen=True)
@@ -101,10 +104,13 @@ class DescribeConfig:
     summarizer: str = "extractive"
     summarizer_options: dict[str, Any] = field(default_factory=dict)
     n_candidates: int = 5  # N
+    fidelity_candidates: int = 1  # phrases of the evidence captions added when they beat every candidate's fidelity
     batch_size: int = 32
 
     def __post_init__(self) -> None:
         _positive(self, "n_candidates", "batch_size")
+        if not isinstance(self.fidelity_candidates, int) or self.fidelity_candidates < 0:
+            raise ConfigError("describe.fidelity_candidates must be a non-negative integer")
 
 
 @dataclass(frozen=True)
@@ -139,14 +145,44 @@ class LabelConfig:
 
     max_labels: int = 3
     dedup_threshold: float = 0.81  # drop a label this similar to a kept one
-    extra_labels_need_positive_score: bool = True
+    extra_labels_need_positive_score: bool = True  # selection = "dissect": labels 2-3 need a positive score
     drop_nested_labels: bool = True  # "yellow" and "yellow circle" are one concept, not two
+    selection: str = "fidelity"  # fidelity | dissect (the paper's: the generated-image score alone)
+    fidelity_tolerance: float = 0.02  # candidates this close to the best fidelity: the dissect score decides
+    generality_margin: float = 0.05  # extra words must raise fidelity by this much to be kept
+    min_fidelity_gain: float = 0.02  # a label 2-3 must raise the label set's fidelity by this much
 
     def __post_init__(self) -> None:
         _positive(self, "max_labels")
         if self.max_labels > 3:
             raise ConfigError("labels.max_labels is at most 3")
-        _unit_interval(self, "dedup_threshold")
+        _unit_interval(self, "dedup_threshold", "fidelity_tolerance", "generality_margin", "min_fidelity_gain")
+        if self.selection not in SELECTIONS:
+            raise ConfigError(f"labels.selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+
+
+SELECTIONS = ("fidelity", "dissect")
+PRESENCE_MODES = ("auto", "joint", "words", "embedding", "words+embedding")
+
+
+@dataclass(frozen=True)
+class FidelityConfig:
+    """How true each label is: its concept's presence against the neuron's
+    activation over a seeded sample of probe images (see
+    ``builder.pipeline.fidelity``)."""
+
+    enabled: bool = True
+    sample_size: int = 500  # probe images per model, shared by every neuron
+    seed: int = 0
+    presence: str = "auto"  # auto (joint space if the similarity has one, else words+embedding) | joint | words | embedding | words+embedding
+    positive_fraction: float = 0.1  # AUPRC positives: the most active fraction of the sample
+    shuffles: int = 5  # label permutations averaged for the per-layer shuffled baseline
+
+    def __post_init__(self) -> None:
+        _positive(self, "sample_size", "shuffles")
+        if self.presence not in PRESENCE_MODES:
+            raise ConfigError(f"fidelity.presence must be one of {', '.join(PRESENCE_MODES)}, got {self.presence!r}")
+        _unit_interval(self, "positive_fraction")
 
 
 @dataclass(frozen=True)
@@ -194,6 +230,7 @@ class BuildConfig:
     describe: DescribeConfig = field(default_factory=DescribeConfig)
     dissect: DissectConfig = field(default_factory=DissectConfig)
     labels: LabelConfig = field(default_factory=LabelConfig)
+    fidelity: FidelityConfig = field(default_factory=FidelityConfig)
     clip_dissect: ClipDissectConfig = field(default_factory=ClipDissectConfig)
 
     def __post_init__(self) -> None:
@@ -229,6 +266,7 @@ class BuildConfig:
             "describe": DescribeConfig,
             "dissect": DissectConfig,
             "labels": LabelConfig,
+            "fidelity": FidelityConfig,
             "clip_dissect": ClipDissectConfig,
         }
         for key, value in data.items():

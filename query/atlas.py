@@ -23,13 +23,13 @@ import numpy as np
 from query.errors import AtlasError, AtlasNotFound, FormatVersionError, QueryError
 from query.index import load_index, read_label_vectors
 from query.records import (
-    Candidate,
-    Evidence,
-    Label,
     LayerInfo,
     ModelInfo,
     NeuronRecord,
     SearchHit,
+    candidate_from_row,
+    evidence_from_row,
+    label_from_row,
 )
 from query.schema import (
     COUNTED_STAGES,
@@ -96,11 +96,17 @@ def resolve_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
 
 
 
-def ok_labels_filter(model: str | None, layer: str | None) -> tuple[str, list[object]]:
+def ok_labels_filter(
+    model: str | None, layer: str | None, min_fidelity: float | None = None
+) -> tuple[str, list[object]]:
     """SQL condition and parameters selecting the labels of ``ok`` neurons,
-    optionally of one model and layer (over ``labels l`` joined with
-    ``neurons n``, as ``query.index.read_label_vectors`` takes it)."""
+    optionally of one model and layer and with a fidelity correlation of at
+    least ``min_fidelity`` (over ``labels l`` joined with ``neurons n``, as
+    ``query.index.read_label_vectors`` takes it)."""
     where, params = ["n.status = 'ok'"], []
+    if min_fidelity is not None:
+        where.append("l.fidelity_correlation >= ?")
+        params.append(float(min_fidelity))
     if model is not None:
         where.append("l.model = ?")
         params.append(model)
@@ -291,35 +297,14 @@ class Atlas:
             raise QueryError(f"neuron {model}/{layer}/{unit} is not in the atlas (not built yet?)")
         n = row[0]
         key = [model, layer, int(unit)]
-        labels = [
-            Label(rank=r["rank"], text=r["text"], concept_score=r["concept_score"])
-            for r in self.sql(
-                "SELECT rank, text, concept_score FROM labels "
-                "WHERE model = ? AND layer = ? AND unit = ? ORDER BY rank", key)
-        ]
-        candidates = [
-            Candidate(
-                position=r["position"], concept=r["concept"], topk_squared=r["topk_squared"],
-                image_products=r["image_products"], score=r["score"],
-                selected_rank=r["selected_rank"],
-                samples=list(_decode(r["samples"]) or []) if r["samples"] else [],
-            )
-            for r in self.sql(
-                "SELECT * FROM candidates WHERE model = ? AND layer = ? AND unit = ? "
-                "ORDER BY position", key)
-        ]
-        evidence = [
-            Evidence(
-                rank=r["rank"], source=r["source"],
-                box=None if r["x0"] is None else (r["x0"], r["y0"], r["x1"], r["y1"]),
-                activation=r["activation"], thumbnail=r["thumbnail"],
-                caption_key=r["caption_key"], caption=r["caption"],
-            )
-            for r in self.sql(
-                "SELECT e.*, c.text AS caption FROM evidence e "
-                "LEFT JOIN captions c ON c.caption_key = e.caption_key "
-                "WHERE e.model = ? AND e.layer = ? AND e.unit = ? ORDER BY e.rank", key)
-        ]
+        labels = [label_from_row(r) for r in self.sql(
+            "SELECT * FROM labels WHERE model = ? AND layer = ? AND unit = ? ORDER BY rank", key)]
+        candidates = [candidate_from_row(r) for r in self.sql(
+            "SELECT * FROM candidates WHERE model = ? AND layer = ? AND unit = ? ORDER BY position", key)]
+        evidence = [evidence_from_row(r) for r in self.sql(
+            "SELECT e.*, c.text AS caption FROM evidence e "
+            "LEFT JOIN captions c ON c.caption_key = e.caption_key "
+            "WHERE e.model = ? AND e.layer = ? AND e.unit = ? ORDER BY e.rank", key)]
         calls = {
             r["stage"]: (int(r["calls"]), int(r["cached"]))
             for r in self.sql(
@@ -330,17 +315,20 @@ class Atlas:
             model=model, layer=layer, unit=int(unit), status=n["status"], reason=n["reason"],
             max_activation=n["max_activation"], interpretability=n["interpretability"],
             labels=labels, candidates=candidates, evidence=evidence, calls=calls,
+            dropped_crops=n.get("dropped_crops"),
         )
 
     # -- search ------------------------------------------------------------------
 
     def search(
-        self, text: str, k: int = 10, model: str | None = None, layer: str | None = None
+        self, text: str, k: int = 10, model: str | None = None, layer: str | None = None,
+        min_fidelity: float | None = None,
     ) -> list[SearchHit]:
         """The ``k`` neurons whose labels are closest to ``text`` (cosine), best first.
 
         One hit per neuron (its best-matching label wins); only neurons with
-        status 'ok'; optionally restricted to a model and/or a layer. Uses
+        status 'ok'; optionally restricted to a model and/or a layer, and to
+        labels whose fidelity correlation is at least ``min_fidelity``. Uses
         ``descriptions.faiss`` and falls back to exact search over
         ``label_vectors`` when the index is missing or stale.
         """
@@ -374,7 +362,7 @@ class Atlas:
                 return ids[0][keep], sims[0][keep]
         else:
             # Filter before ranking: exact search over the neurons that qualify.
-            ids, vecs = read_label_vectors(self.con, *ok_labels_filter(model, layer))
+            ids, vecs = read_label_vectors(self.con, *ok_labels_filter(model, layer, min_fidelity))
             if len(ids) and vecs.shape[1] != query.shape[0]:
                 raise AtlasError(
                     f"label vectors have {vecs.shape[1]} dimensions but embedder "
@@ -388,7 +376,7 @@ class Atlas:
                 top = order[:n]
                 return ids[top], all_sims[top]
 
-        return self._rank(nearest, total, k, model, layer)
+        return self._rank(nearest, total, k, model, layer, min_fidelity)
 
     def _embed_query(self, text: str) -> np.ndarray:
         from query.embedder import get_embedder
@@ -424,36 +412,38 @@ class Atlas:
         k: int,
         model: str | None,
         layer: str | None,
+        min_fidelity: float | None = None,
     ) -> list[SearchHit]:
         """Group the nearest labels per neuron, over-fetching until ``k`` neurons qualify."""
         if total == 0:
             return []
-        where, params = ok_labels_filter(model, layer)
+        where, params = ok_labels_filter(model, layer, min_fidelity)
         n = min(total, max(3 * k, 32))  # up to 3 labels per neuron
         while True:
             ids, sims = nearest(n)
             rows = self.sql(
-                "SELECT l.label_id, l.model, l.layer, l.unit, l.text FROM labels l "
+                "SELECT l.label_id, l.model, l.layer, l.unit, l.text, l.fidelity_correlation, l.fidelity_auprc "
+                "FROM labels l "
                 "JOIN neurons n ON n.model = l.model AND n.layer = l.layer AND n.unit = l.unit "
                 f"WHERE l.label_id IN (SELECT unnest(?::BIGINT[])) AND {where}",
                 [ids.tolist(), *params],
             )
             by_id = {r["label_id"]: r for r in rows}
-            best: dict[tuple[str, str, int], tuple[float, str]] = {}
+            best: dict[tuple[str, str, int], tuple[float, dict[str, Any]]] = {}
             for label_id, sim in zip(ids.tolist(), sims.tolist()):
                 r = by_id.get(label_id)
                 if r is None:
                     continue
                 key = (r["model"], r["layer"], r["unit"])
                 if key not in best:  # labels arrive best first
-                    best[key] = (float(sim), r["text"])
+                    best[key] = (float(sim), r)
             if len(best) >= k or n >= total:
                 break
             n = min(total, n * 2)
         top = list(best.items())[:k]
         return self._hits(top)
 
-    def _hits(self, top: list[tuple[tuple[str, str, int], tuple[float, str]]]) -> list[SearchHit]:
+    def _hits(self, top: list[tuple[tuple[str, str, int], tuple[float, dict[str, Any]]]]) -> list[SearchHit]:
         if not top:
             return []
         keys = [f"{m}\x00{l}\x00{u}" for (m, l, u), _ in top]
@@ -474,11 +464,26 @@ class Atlas:
                 model=key[0], layer=key[1], unit=key[2],
                 labels=[r["text"] for r in own],
                 score=first["concept_score"] if first else None,
-                similarity=sim, matched_label=matched,
+                similarity=sim, matched_label=matched["text"],
+                fidelity_correlation=matched.get("fidelity_correlation"),
+                fidelity_auprc=matched.get("fidelity_auprc"),
             ))
         return hits
 
     # -- overview ----------------------------------------------------------------
+
+    def layer_fidelity(self, model: str | None = None) -> dict[tuple[str, str], dict[str, float | None]]:
+        """(model, layer) -> the layer's fidelity summary written by the build:
+        its labels' mean correlation and AUPRC and the chance levels (shuffled
+        labels); ``{}`` for an atlas older than fidelity."""
+        has = self.sql("SELECT count(*) AS n FROM information_schema.tables WHERE table_name = 'layer_fidelity'")
+        if not has[0]["n"]:
+            return {}
+        out: dict[tuple[str, str], dict[str, float | None]] = {}
+        for r in self.sql("SELECT * FROM layer_fidelity WHERE ?::VARCHAR IS NULL OR model = ? "
+                          "ORDER BY model, layer, metric", [model, model]):
+            out.setdefault((r["model"], r["layer"]), {})[r["metric"]] = r["value"]
+        return out
 
     def summary(self) -> dict[str, Any]:
         """An overview for ``dnd-atlas info``: per model and layer neuron counts by
@@ -513,9 +518,10 @@ class Atlas:
                                               "calls_per_neuron": 0.0, "cached_per_neuron": 0.0})
             times = {r["stage"]: r["seconds"] for r in self.sql(
                 "SELECT stage, seconds FROM stage_times WHERE model = ? ORDER BY stage", [m])}
+            fidelity = self.layer_fidelity(m)
             models.append({
                 "model": m,
-                "layers": [li.to_dict() for li in layers],
+                "layers": [{**li.to_dict(), "fidelity": fidelity.get((m, li.layer), {})} for li in layers],
                 "totals": totals,
                 "calls": per_neuron,
                 "stage_seconds": times,

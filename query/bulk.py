@@ -8,7 +8,6 @@ same :class:`query.records.NeuronRecord` objects.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
@@ -19,21 +18,19 @@ import numpy as np
 from query.atlas import Atlas, ok_labels_filter
 from query.errors import AtlasError
 from query.index import read_label_vectors
-from query.records import Candidate, Evidence, Label, NeuronRecord
+from query.records import (
+    Candidate,
+    Evidence,
+    Label,
+    NeuronRecord,
+    candidate_from_row,
+    evidence_from_row,
+    label_from_row,
+)
 
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str, int]
-
-
-def _samples(value: str | None) -> list[str]:
-    if not value:
-        return []
-    try:
-        data = json.loads(value)
-    except ValueError:
-        return []
-    return [str(s) for s in data] if isinstance(data, list) else []
 
 
 def layer_records(atlas: Atlas, model: str, layer: str) -> list[NeuronRecord]:
@@ -41,28 +38,18 @@ def layer_records(atlas: Atlas, model: str, layer: str) -> list[NeuronRecord]:
     key = [model, layer]
     where = "WHERE model = ? AND layer = ?"
     labels: dict[int, list[Label]] = defaultdict(list)
-    for r in atlas.sql(f"SELECT unit, rank, text, concept_score FROM labels {where} "
-                          "ORDER BY unit, rank", key):
-        labels[r["unit"]].append(Label(rank=r["rank"], text=r["text"],
-                                       concept_score=r["concept_score"]))
+    for r in atlas.sql(f"SELECT * FROM labels {where} ORDER BY unit, rank", key):
+        labels[r["unit"]].append(label_from_row(r))
     candidates: dict[int, list[Candidate]] = defaultdict(list)
     for r in atlas.sql(f"SELECT * FROM candidates {where} ORDER BY unit, position", key):
-        candidates[r["unit"]].append(Candidate(
-            position=r["position"], concept=r["concept"], topk_squared=r["topk_squared"],
-            image_products=r["image_products"], score=r["score"],
-            selected_rank=r["selected_rank"], samples=_samples(r["samples"])))
+        candidates[r["unit"]].append(candidate_from_row(r))
     evidence: dict[int, list[Evidence]] = defaultdict(list)
     for r in atlas.sql("SELECT e.*, c.text AS caption FROM evidence e "
-                          "LEFT JOIN captions c ON c.caption_key = e.caption_key "
-                          "WHERE e.model = ? AND e.layer = ? ORDER BY e.unit, e.rank", key):
-        evidence[r["unit"]].append(Evidence(
-            rank=r["rank"], source=r["source"],
-            box=None if r["x0"] is None else (r["x0"], r["y0"], r["x1"], r["y1"]),
-            activation=r["activation"], thumbnail=r["thumbnail"],
-            caption_key=r["caption_key"], caption=r["caption"]))
+                       "LEFT JOIN captions c ON c.caption_key = e.caption_key "
+                       "WHERE e.model = ? AND e.layer = ? ORDER BY e.unit, e.rank", key):
+        evidence[r["unit"]].append(evidence_from_row(r))
     calls: dict[int, dict[str, tuple[int, int]]] = defaultdict(dict)
-    for r in atlas.sql(f"SELECT unit, stage, calls, cached FROM call_counts {where} "
-                          "ORDER BY unit, stage", key):
+    for r in atlas.sql(f"SELECT unit, stage, calls, cached FROM call_counts {where} ORDER BY unit, stage", key):
         calls[r["unit"]][r["stage"]] = (int(r["calls"]), int(r["cached"]))
     return [
         NeuronRecord(
@@ -70,7 +57,7 @@ def layer_records(atlas: Atlas, model: str, layer: str) -> list[NeuronRecord]:
             reason=n["reason"], max_activation=n["max_activation"],
             interpretability=n["interpretability"], labels=labels.get(n["unit"], []),
             candidates=candidates.get(n["unit"], []), evidence=evidence.get(n["unit"], []),
-            calls=calls.get(n["unit"], {}))
+            calls=calls.get(n["unit"], {}), dropped_crops=n.get("dropped_crops"))
         for n in atlas.sql(f"SELECT * FROM neurons {where} ORDER BY unit", key)
     ]
 

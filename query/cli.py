@@ -88,12 +88,16 @@ def _add_search(p: argparse.ArgumentParser) -> None:
     p.add_argument("-k", type=int, default=10, help="number of neurons to return (default 10)")
     p.add_argument("--model", help="only neurons of this model")
     p.add_argument("--layer", help="only neurons of this layer")
+    p.add_argument("--min-fidelity", type=float, metavar="R",
+                   help="only labels whose fidelity correlation is at least R (how well the label predicts "
+                        "the neuron's activation over the probe set)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def _run_search(args: argparse.Namespace) -> int:
     with _open(args.atlas) as atlas:
-        hits = atlas.search(args.query, k=args.k, model=args.model, layer=args.layer)
+        hits = atlas.search(args.query, k=args.k, model=args.model, layer=args.layer,
+                            min_fidelity=args.min_fidelity)
     if args.json:
         _print_json([h.to_dict() for h in hits])
         return 0
@@ -101,11 +105,12 @@ def _run_search(args: argparse.Namespace) -> int:
         print("no matching neurons")
         return 0
     rows = [
-        (i, h.model, h.layer, h.unit, h.similarity, h.score, h.matched_label, " | ".join(h.labels))
+        (i, h.model, h.layer, h.unit, h.similarity, h.fidelity_correlation, h.score, h.matched_label,
+         " | ".join(h.labels))
         for i, h in enumerate(hits, 1)
     ]
     print(format_table(
-        ["#", "model", "layer", "unit", "similarity", "score", "matched", "labels"], rows))
+        ["#", "model", "layer", "unit", "similarity", "fidelity", "score", "matched", "labels"], rows))
     return 0
 
 
@@ -132,13 +137,15 @@ def _run_neuron(args: argparse.Namespace) -> int:
         ("reason", rec.reason),
         ("max activation", rec.max_activation),
         ("interpretability", rec.interpretability),
+        ("dropped crops", rec.dropped_crops),
     ]))
     sections: list[tuple[str, list[str], list[Sequence[object]]]] = [
-        ("labels", ["rank", "label", "concept score"],
-         [(lb.rank, lb.text, lb.concept_score) for lb in rec.labels]),
-        ("candidates", ["#", "concept", "topk_squared", "image_products", "score", "label rank"],
-         [(c.position, c.concept, c.topk_squared, c.image_products, c.score, c.selected_rank)
-          for c in rec.candidates]),
+        ("labels", ["rank", "label", "concept score", "fidelity r", "fidelity AUPRC"],
+         [(lb.rank, lb.text, lb.concept_score, lb.fidelity_correlation, lb.fidelity_auprc) for lb in rec.labels]),
+        ("candidates", ["#", "concept", "topk_squared", "image_products", "score", "fidelity r", "label rank",
+                        "from"],
+         [(c.position, c.concept, c.topk_squared, c.image_products, c.score, c.fidelity_correlation,
+           c.selected_rank, c.source) for c in rec.candidates]),
         ("evidence", ["rank", "activation", "box", "source", "caption"],
          [(e.rank, e.activation, ",".join(map(str, e.box)) if e.box else "whole",
            e.source, e.caption) for e in rec.evidence]),
@@ -178,8 +185,9 @@ def _run_info(args: argparse.Namespace) -> int:
     for m in s["models"]:
         print(f"\nmodel {m['model']}")
         print(format_table(
-            ["layer", "kind", "units", "ok", "dead", "failed"],
-            [(li["layer"], li["kind"], li["n_units"], li["n_ok"], li["n_dead"], li["n_failed"])
+            ["layer", "kind", "units", "ok", "dead", "failed", "fidelity r", "chance r"],
+            [(li["layer"], li["kind"], li["n_units"], li["n_ok"], li["n_dead"], li["n_failed"],
+              li["fidelity"].get("label_correlation"), li["fidelity"].get("shuffled_correlation"))
              for li in m["layers"]],
         ))
         print(format_table(

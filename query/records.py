@@ -8,6 +8,7 @@ HTTP API return.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +52,8 @@ class Label(_Record):
     rank: int
     text: str
     concept_score: float | None
+    fidelity_correlation: float | None = None  # how well its presence predicts the activation (Pearson)
+    fidelity_auprc: float | None = None  # how well its presence ranks the most active images
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,9 @@ class Candidate(_Record):
     score: float | None
     selected_rank: int | None
     samples: list[str] = field(default_factory=list)
+    fidelity_correlation: float | None = None
+    fidelity_auprc: float | None = None
+    source: str | None = None  # "summarizer", or "fidelity" (a caption phrase fidelity added)
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,10 @@ class Evidence(_Record):
     """One top-activating probe image (or crop of it) of a neuron.
 
     ``box`` is ``(x0, y0, x1, y1)`` for a crop, ``None`` for the whole image;
-    ``caption`` is the captioner's text for it, when one was made.
+    ``caption`` is the captioner's text for it, when one was made;
+    ``source_thumbnail`` and ``source_size`` (width, height) show the whole
+    source image (a reader draws the box on it), and ``heatmap`` is a
+    ``data:`` URL of the unit's activation map on the source image.
     """
 
     rank: int
@@ -81,6 +90,9 @@ class Evidence(_Record):
     thumbnail: str
     caption_key: str | None
     caption: str | None
+    source_thumbnail: str | None = None
+    source_size: tuple[int, int] | None = None
+    heatmap: str | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +114,7 @@ class NeuronRecord(_Record):
     candidates: list[Candidate]
     evidence: list[Evidence]
     calls: dict[str, tuple[int, int]]
+    dropped_crops: int | None = None
 
 
 @dataclass(frozen=True)
@@ -110,7 +123,8 @@ class SearchHit(_Record):
 
     ``labels`` are all its label texts in rank order; ``score`` is the
     concept score of label 1; ``similarity`` the best cosine between the
-    query and any of its labels, reached by ``matched_label``.
+    query and any of its labels, reached by ``matched_label``, whose fidelity
+    (correlation, AUPRC) says how far to trust it.
     """
 
     model: str
@@ -120,3 +134,47 @@ class SearchHit(_Record):
     score: float | None
     similarity: float
     matched_label: str
+    fidelity_correlation: float | None = None
+    fidelity_auprc: float | None = None
+
+
+# -- rows of the atlas tables as records (atlas.neuron and the bulk reads) --------------
+# New columns are read with .get so atlases of older format versions read too.
+
+
+def _samples(value: Any) -> list[str]:
+    if not value:
+        return []
+    try:
+        data = json.loads(value)
+    except (TypeError, ValueError):
+        return []
+    return [str(s) for s in data] if isinstance(data, list) else []
+
+
+def label_from_row(r: dict[str, Any]) -> Label:
+    """A ``labels`` row as a :class:`Label`."""
+    return Label(rank=r["rank"], text=r["text"], concept_score=r["concept_score"],
+                 fidelity_correlation=r.get("fidelity_correlation"), fidelity_auprc=r.get("fidelity_auprc"))
+
+
+def candidate_from_row(r: dict[str, Any]) -> Candidate:
+    """A ``candidates`` row as a :class:`Candidate`."""
+    return Candidate(
+        position=r["position"], concept=r["concept"], topk_squared=r["topk_squared"],
+        image_products=r["image_products"], score=r["score"], selected_rank=r["selected_rank"],
+        samples=_samples(r["samples"]), fidelity_correlation=r.get("fidelity_correlation"),
+        fidelity_auprc=r.get("fidelity_auprc"), source=r.get("source"),
+    )
+
+
+def evidence_from_row(r: dict[str, Any]) -> Evidence:
+    """An ``evidence`` row (joined with its caption's ``text`` as ``caption``) as an :class:`Evidence`."""
+    w, h = r.get("source_width"), r.get("source_height")
+    return Evidence(
+        rank=r["rank"], source=r["source"],
+        box=None if r["x0"] is None else (r["x0"], r["y0"], r["x1"], r["y1"]),
+        activation=r["activation"], thumbnail=r["thumbnail"], caption_key=r["caption_key"],
+        caption=r.get("caption"), source_thumbnail=r.get("source_thumbnail"),
+        source_size=(w, h) if w is not None and h is not None else None, heatmap=r.get("heatmap"),
+    )

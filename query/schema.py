@@ -131,7 +131,30 @@ _V2 = [
     )""",
 ]
 
-MIGRATIONS: list[list[str]] = [_V1, _V2]
+# v3: how true each label is (fidelity over a sample spanning the activation
+# range), the chance level per layer, the evidence a neuron dropped, and per
+# evidence item its whole source thumbnail, size and activation heatmap.
+_V3 = [
+    "ALTER TABLE labels ADD COLUMN fidelity_correlation DOUBLE",  # simulation correlation
+    "ALTER TABLE labels ADD COLUMN fidelity_auprc DOUBLE",  # presence ranking the most active images
+    "ALTER TABLE candidates ADD COLUMN fidelity_correlation DOUBLE",
+    "ALTER TABLE candidates ADD COLUMN fidelity_auprc DOUBLE",
+    "ALTER TABLE candidates ADD COLUMN source VARCHAR",  # summarizer | fidelity (a caption phrase it added)
+    "ALTER TABLE neurons ADD COLUMN dropped_crops INTEGER",  # crops too small or over the per-image cap
+    "ALTER TABLE evidence ADD COLUMN source_thumbnail VARCHAR",  # the whole source image (boxes drawn by readers)
+    "ALTER TABLE evidence ADD COLUMN source_width INTEGER",  # source image size, for the crop box
+    "ALTER TABLE evidence ADD COLUMN source_height INTEGER",
+    "ALTER TABLE evidence ADD COLUMN heatmap VARCHAR",  # data: URL of the unit's activation map on the source (PNG)
+    """CREATE TABLE layer_fidelity (
+        model VARCHAR NOT NULL,
+        layer VARCHAR NOT NULL,
+        metric VARCHAR NOT NULL,          -- label_correlation, shuffled_correlation, ...
+        value DOUBLE,
+        PRIMARY KEY (model, layer, metric)
+    )""",
+]
+
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3]
 FORMAT_VERSION = len(MIGRATIONS)
 
 

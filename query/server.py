@@ -275,10 +275,12 @@ def create_app(atlas_dir: str | os.PathLike[str], preload: bool = False):
                                            description="only neurons of this model")] = None,
         layer: Annotated[str | None, Query(max_length=MAX_NAME_CHARS,
                                            description="only neurons of this layer")] = None,
+        min_fidelity: Annotated[float | None, Query(ge=-1.0, le=1.0, description=(
+            "only labels whose fidelity correlation is at least this"))] = None,
     ) -> list[SearchHit]:
         with readers.search_lock:
             readers.embedder()  # 501 when it cannot load, before blaming the query
-            return readers.main.search(q, k=k, model=model, layer=layer)
+            return readers.main.search(q, k=k, model=model, layer=layer, min_fidelity=min_fidelity)
 
     @app.get("/models", response_model=list[ModelInfo], summary="the target models")
     def models() -> list[ModelInfo]:

@@ -28,6 +28,8 @@ class LabelRow:
     text: str
     concept_score: float | None
     vector: np.ndarray  # L2-normalized embedding (meta.embedder)
+    fidelity_correlation: float | None = None
+    fidelity_auprc: float | None = None
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,9 @@ class CandidateRow:
     score: float | None
     selected_rank: int | None
     samples: tuple[str, ...] = ()
+    fidelity_correlation: float | None = None
+    fidelity_auprc: float | None = None
+    source: str | None = None  # summarizer | fidelity
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,9 @@ class EvidenceRow:
     caption_key: str | None = None
     caption: str | None = None
     captioner: str | None = None
+    source_thumbnail: str | None = None
+    source_size: tuple[int, int] | None = None  # (width, height) of the source image
+    heatmap: str | None = None  # data: URL of the unit's activation map on the source image
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,7 @@ class NeuronResult:
     candidates: tuple[CandidateRow, ...] = ()
     evidence: tuple[EvidenceRow, ...] = ()
     calls: dict[str, tuple[int, int]] = field(default_factory=dict)  # stage -> (calls, cached)
+    dropped_crops: int | None = None  # crops that were not evidence: too small, or over the per-image cap
 
 
 _NEURON_TABLES = ("neurons", "labels", "candidates", "evidence", "call_counts")
@@ -132,6 +141,25 @@ class AtlasWriter:
         ).fetchone()
         self.set_stage_time(model, stage, (row[0] if row else 0.0) + seconds)
 
+    def replace_layer_fidelity(self, model: str, layer: str, metrics: dict[str, float | None]) -> None:
+        """Replace one layer's fidelity summary (label means and chance levels)."""
+
+        def work() -> None:
+            self.con.execute("DELETE FROM layer_fidelity WHERE model = ? AND layer = ?", [model, layer])
+            self._insert("layer_fidelity", [[model, layer, k, _f(v)] for k, v in sorted(metrics.items())])
+
+        self._tx(work)
+
+    def label_texts(self, model: str) -> dict[tuple[str, int], list[str]]:
+        """(layer, unit) -> label texts in rank order, of the model's 'ok' neurons."""
+        rows = self.con.execute(
+            "SELECT l.layer, l.unit, l.text FROM labels l JOIN neurons n USING (model, layer, unit) "
+            "WHERE l.model = ? AND n.status = 'ok' ORDER BY l.layer, l.unit, l.rank", [model]).fetchall()
+        out: dict[tuple[str, int], list[str]] = {}
+        for layer, unit, text in rows:
+            out.setdefault((layer, int(unit)), []).append(text)
+        return out
+
     def replace_evaluations(self, protocol: str, rows: Sequence[Sequence[Any]]) -> None:
         """Replace every ``evaluations`` row of ``protocol`` with ``rows``
         (protocol, model, layer, metric, value, details, evaluated_at) in one
@@ -163,16 +191,18 @@ class AtlasWriter:
                 "WHERE model = ? AND layer = ? AND unit = ?)", key
             )
         ids = [label_id(r.model, r.layer, r.unit, lab.rank) for lab in r.labels]
-        self._insert("neurons", [[*key, r.status, r.reason, _f(r.max_activation), _f(r.interpretability)]])
+        self._insert("neurons", [[*key, r.status, r.reason, _f(r.max_activation), _f(r.interpretability),
+                                  r.dropped_crops]])
         self._insert("labels", [
-            [lid, *key, lab.rank, lab.text, _f(lab.concept_score), _f(r.interpretability)]
+            [lid, *key, lab.rank, lab.text, _f(lab.concept_score), _f(r.interpretability),
+             _f(lab.fidelity_correlation), _f(lab.fidelity_auprc)]
             for lid, lab in zip(ids, r.labels)
         ])
         if r.labels:
             self._insert_vectors(ids, np.stack([lab.vector for lab in r.labels]))
         self._insert("candidates", [
             [*key, c.position, c.concept, _f(c.topk_squared), _f(c.image_products), _f(c.score),
-             c.selected_rank, json.dumps(list(c.samples))]
+             c.selected_rank, json.dumps(list(c.samples)), _f(c.fidelity_correlation), _f(c.fidelity_auprc), c.source]
             for c in r.candidates
         ])
         caps, evs = [], []
@@ -180,7 +210,9 @@ class AtlasWriter:
             box = list(e.box) if e.box else [None] * 4
             if e.caption_key and e.caption is not None:
                 caps.append([e.caption_key, e.source, *box, e.captioner or "", e.caption])
-            evs.append([*key, e.rank, e.source, *box, float(e.activation), e.thumbnail, e.caption_key])
+            size = list(e.source_size) if e.source_size else [None, None]
+            evs.append([*key, e.rank, e.source, *box, float(e.activation), e.thumbnail, e.caption_key,
+                        e.source_thumbnail, *size, e.heatmap])
         self._insert("captions", caps, or_ignore=True)
         self._insert("evidence", evs)
         self._insert("call_counts", [[*key, stage, c, h] for stage, (c, h) in sorted(r.calls.items())])

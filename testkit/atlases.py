@@ -52,13 +52,13 @@ def write_atlas(
         ids, texts = [], []
         for n in neurons:
             con.execute(
-                "INSERT INTO neurons VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO neurons (model, layer, unit, status, reason, max_activation, interpretability) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [n["model"], n["layer"], n["unit"], n.get("status", "ok"), n.get("reason"),
                  n.get("max_activation", 1.0), n.get("interpretability", 0.5)])
             scores = n.get("scores") or [1.0 - 0.1 * r for r in range(len(n["labels"]))]
             for rank, (text, score) in enumerate(zip(n["labels"], scores), 1):
                 lid = label_id(n["model"], n["layer"], n["unit"], rank)
-                con.execute("INSERT INTO labels VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                con.execute("INSERT INTO labels (label_id, model, layer, unit, rank, text, concept_score, interpretability) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                             [lid, n["model"], n["layer"], n["unit"], rank, text, score, 0.5])
                 ids.append(lid)
                 texts.append(text)

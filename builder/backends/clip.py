@@ -93,6 +93,12 @@ class ClipSimilarity(Similarity):
         return f"image similarity from CLIP {self.model_id}{rev}; text similarity from {texts}"
 
     @property
+    def joint(self) -> bool:
+        """Images and texts share one space (CLIP's own text tower): concept
+        presence in an image is then the cosine of the two."""
+        return self.text_embedder == "clip"
+
+    @property
     def image_dim(self) -> int:
         """Size of the image embeddings (CLIP's projection size)."""
         return int(self.model.config.projection_dim)

@@ -61,6 +61,15 @@ def _phrases(words: list[str], max_len: int, gap: int) -> set[tuple[str, ...]]:
     return out
 
 
+def caption_phrases(captions: Sequence[str], max_len: int = 3, gap: int = 2) -> list[str]:
+    """Every phrase the extractive summarizer could propose from ``captions``
+    (1-``max_len`` word runs and gapped pairs, stop words out, singular), sorted."""
+    out: set[tuple[str, ...]] = set()
+    for cap in captions:
+        out |= _phrases([singular(w) for w in _WORD.findall(cap.lower())], max_len, gap)
+    return sorted(" ".join(p) for p in out)
+
+
 def extract_concepts(
     captions: Sequence[str], n: int, max_len: int = 3, gap: int = 2, min_coverage: float = 0.3
 ) -> list[str]:

@@ -74,7 +74,12 @@ class Generator(Backend):
 
 
 class Similarity(Backend):
-    """Embeddings for image-image and text-text similarity (CLIP by default)."""
+    """Embeddings for image-image and text-text similarity (CLIP by default).
+
+    ``joint`` is true when images and texts share one space (an image's
+    cosine to a text says how present the text's concept is in it)."""
+
+    joint: bool = False
 
     @abc.abstractmethod
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:

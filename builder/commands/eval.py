@@ -12,7 +12,7 @@ from typing import Any
 
 from query.cli import Command
 
-PROTOCOL_CHOICES = ("synthetic", "final-layer", "cosy", "classifier")
+PROTOCOL_CHOICES = ("synthetic", "final-layer", "cosy", "classifier", "fidelity")
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,7 +28,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         choices=PROTOCOL_CHOICES,
         dest="protocols",
-        help="synthetic, final-layer, cosy or classifier (repeatable; default: synthetic when "
+        help="synthetic, final-layer, cosy, classifier or fidelity (repeatable; default: synthetic when "
         "the atlas has ground truth, else final-layer)",
     )
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -87,6 +87,12 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--seed", type=int, default=0, help="seed of the unit sample and the control pool"
     )
+    g = p.add_argument_group("fidelity")
+    g.add_argument("--sample-size", type=int, default=500, metavar="N",
+                   help="held-out probe images per model, disjoint from the build's sample (default 500)")
+    g.add_argument("--fidelity-seed", type=int, default=1, help="seed of the held-out sample (default 1)")
+    g.add_argument("--random-concepts", metavar="FILE", default="",
+                   help="concept list the random-label baseline draws from (default data/concepts/common-visual.txt)")
     g = p.add_argument_group("classifier")
     g.add_argument("--images", metavar="DIR", help="labelled images (one folder per class)")
     g.add_argument(
@@ -112,6 +118,9 @@ def _options(args: argparse.Namespace):
         seed=args.seed,
         images=args.images,
         k=args.k,
+        sample_size=args.sample_size,
+        fidelity_seed=args.fidelity_seed,
+        concepts=args.random_concepts,
         store=args.store,
     )
 
@@ -318,11 +327,31 @@ def _fmt3(x: Any) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+def _text_fidelity(res: dict[str, Any], units: bool) -> str:
+    f = _fmt3
+    lines = [f"fidelity on {res['sample_images']} held-out probe images (correlation / AUPRC; chance AUPRC "
+             f"{f(res['layers'][0]['chance_auprc'])}):"]
+    for la in res["layers"]:
+        true = (f"; true concepts {f(la.get('true_correlation'))} / {f(la.get('true_auprc'))}"
+                if "true_correlation" in la else "")
+        lines.append(
+            f"  {la['model']}/{la['layer']} ({la['units']} units): labels {f(la.get('label_correlation'))} / "
+            f"{f(la.get('label_auprc'))}, label sets {f(la.get('label_set_correlation'))} / "
+            f"{f(la.get('label_set_auprc'))}; shuffled {f(la.get('shuffled_correlation'))} / "
+            f"{f(la.get('shuffled_auprc'))}; random {f(la.get('random_correlation'))} / "
+            f"{f(la.get('random_auprc'))}{true}")
+        if units:
+            for pu in la["per_unit"]:
+                lines.append(f"    {pu['unit']}: {pu['label']}  {f(pu['label_correlation'])} / {f(pu['label_auprc'])}")
+    return "\n".join(lines)
+
+
 TEXT = {
     "synthetic": _text_synthetic,
     "final-layer": _text_final_layer,
     "cosy": _text_cosy,
     "classifier": _text_classifier,
+    "fidelity": _text_fidelity,
 }
 
 

@@ -135,29 +135,6 @@ def _select_units(view: AtlasView, opts: CosyOptions) -> dict[tuple[str, str], l
     return out
 
 
-def _build_config(view: AtlasView):
-    from builder.config import BuildConfig
-
-    raw = view.meta.get("build_config")
-    if not isinstance(raw, dict):
-        raise BuildError(f"cosy: the atlas at {view.path} has no build_config in its meta")
-    raw = dict(raw)
-    models = []
-    for m in raw.get("models", []):
-        m = dict(m)
-        # the redaction of secrets also hides `vit_tokens` ("token"); the models table has it
-        if m.get("vit_tokens") == "<redacted>":
-            m["vit_tokens"] = (
-                view.models.get(m.get("name"), {}).get("config", {}).get("vit_tokens") or "cls"
-            )
-        models.append(m)
-    raw["models"] = models
-    try:
-        return BuildConfig.from_dict(raw)
-    except BuildError as exc:
-        raise BuildError(f"cosy: the atlas's build_config does not load: {exc}") from exc
-
-
 class _Images:
     """Generated images and the model's activations on them, through the
     build's content cache and with the build's keys (``builder.pipeline.dissect``)."""
@@ -272,7 +249,7 @@ def evaluate_cosy(
     from builder.pipeline.scoring import auc
 
     opts = opts or CosyOptions()
-    cfg = _build_config(view)
+    cfg = view.build_config("cosy")
     selected = _select_units(view, opts)
     pools = _layer_pools(view, opts, list(selected))
     images = _Images(cfg, view, opts)

@@ -28,7 +28,7 @@ from query.evaluations import WHOLE, EvalRow, write_evaluations
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = ("synthetic", "final-layer", "cosy", "classifier")
+PROTOCOLS = ("synthetic", "final-layer", "cosy", "classifier", "fidelity")
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,9 @@ class EvalOptions:
     images: str | None = None  # labelled images for ``classifier``
     k: int = 5
     store: bool = True
+    sample_size: int = 500  # fidelity: held-out probe images per model
+    fidelity_seed: int = 1
+    concepts: str = ""  # fidelity: the random labels' concept list
 
 
 def has_ground_truth(atlas_dir: str | Path) -> bool:
@@ -91,6 +94,13 @@ def run_protocol(
             opts.mpnet,
             opts.device or "auto",
         )
+    elif protocol == "fidelity":
+        from builder.evaluation.fidelity import FidelityOptions, evaluate_fidelity
+        from builder.evaluation.view import read_atlas
+
+        result, rows = evaluate_fidelity(read_atlas(atlas_dir), FidelityOptions(
+            sample_size=opts.sample_size, seed=opts.fidelity_seed, concepts=opts.concepts, model=opts.model,
+            layer=opts.layer, device=opts.device))
     elif protocol == "cosy":
         from builder.evaluation.cosy import CosyOptions, evaluate_cosy
         from builder.evaluation.view import read_atlas

@@ -51,6 +51,32 @@ class AtlasView:
         with Atlas.open(self.path, allow_older=True) as atlas:
             return label_vectors_of(atlas, [self.label_ids[k] for k in keys])
 
+    def build_config(self, protocol: str) -> Any:
+        """The atlas's build config (its meta ``build_config``) as a
+        ``BuildConfig``, for protocols that rerun the build's backends."""
+        from builder.config import BuildConfig
+        from builder.errors import BuildError
+
+        view = self
+        raw = view.meta.get("build_config")
+        if not isinstance(raw, dict):
+            raise BuildError(f"{protocol}: the atlas at {view.path} has no build_config in its meta")
+        raw = dict(raw)
+        models = []
+        for m in raw.get("models", []):
+            m = dict(m)
+            # the redaction of secrets also hides `vit_tokens` ("token"); the models table has it
+            if m.get("vit_tokens") == "<redacted>":
+                m["vit_tokens"] = (
+                    view.models.get(m.get("name"), {}).get("config", {}).get("vit_tokens") or "cls"
+                )
+            models.append(m)
+        raw["models"] = models
+        try:
+            return BuildConfig.from_dict(raw)
+        except BuildError as exc:
+            raise BuildError(f"{protocol}: the atlas's build_config does not load: {exc}") from exc
+
 
 def read_atlas(atlas_dir: str | Path) -> AtlasView:
     """Meta, models, layers and label 1 of each described neuron of an atlas

@@ -53,11 +53,12 @@ from typing import Any
 
 import numpy as np
 
-from builder.backends.registry import create_backend, similarities
+from builder.backends.registry import captioners, create_backend, similarities
 from builder.cache import ContentCache, content_key
 from builder.config import BuildConfig, ClipDissectConfig
 from builder.data_files import data_path
 from builder.errors import BuildError
+from builder.pipeline.fidelity import FidelitySample, build_sample, presence_mode, with_fidelity
 from builder.pipeline.labeler import Labeler, Recording
 from builder.pipeline.labels import Label, ScoredConcept, interpretability, select_labels
 from builder.pipeline.record import record_all
@@ -310,8 +311,8 @@ class FullRecording(Recording):
     unit (a memory-mapped array, layers side by side)."""
 
     def __init__(self, acts: np.ndarray, kinds: dict[str, tuple[str, int]], valid: np.ndarray,
-                 layers: Sequence[str], images_per_s: float) -> None:
-        self.acts, self.valid = acts, valid
+                 layers: Sequence[str], images_per_s: float, sample: np.ndarray) -> None:
+        self.acts, self.valid, self.sample = acts, valid, sample
         self.rows = np.flatnonzero(valid)  # probe index of each row of the image-concept matrices
         self.layers = [(lay, kinds[lay][0], kinds[lay][1]) for lay in layers]
         self.n_images = int(valid.sum())
@@ -325,6 +326,16 @@ class FullRecording(Recording):
         off = self._offsets[layer]
         n = next(k for lay, _, k in self.layers if lay == layer)
         return np.asarray(self.acts[self.rows, off : off + n], dtype=np.float32)
+
+    def sample_acts(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        if not len(self.sample):
+            return self.sample, {}
+        images = self.sample[self.valid[self.sample]]
+        out = {}
+        for lay, _, n in self.layers:
+            off = self._offsets[lay]
+            out[lay] = np.asarray(self.acts[images, off : off + n], dtype=np.float32)
+        return images, out
 
     def extremes(self, layer: str) -> tuple[np.ndarray, np.ndarray]:
         if layer not in self._extremes:
@@ -386,12 +397,28 @@ class ClipDissectLabeler(Labeler):
         acts, kinds, valid = record_all(run.target, run.probe, m.layers, self.cache_dir / f"acts-{key[:32]}.npy",
                                         run.summary, m.vit_tokens, run.cfg.record.batch_size,
                                         run.cfg.record.num_workers)
-        rec = FullRecording(acts, kinds, valid, m.layers, int(valid.sum()) / max(1e-9, time.perf_counter() - t0))
+        rec = FullRecording(acts, kinds, valid, m.layers,
+                            int(valid.sum()) / max(1e-9, time.perf_counter() - t0), run.sample)
         rec.n_skipped += len(run.probe.rejected)  # entries the scan skipped (FIFOs, broken links) count too
         return rec
 
-    def label(self, run: ModelRun, rec: Recording, neurons: list[NeuronKey],
-              stats: ModelSummary) -> Iterator[list[NeuronResult]]:
+    def fidelity_sample(self, run: ModelRun, rec: Recording) -> FidelitySample | None:
+        """Presence from CLIP when the joint space is CLIP, else from the
+        configured captioner's captions (the same presence a DnD atlas of the
+        config gets, so the two compare)."""
+        images, acts = rec.sample_acts()
+        if not len(images):
+            return None
+        sim = self.space.sim if isinstance(self.space, _ClipSpace) else None
+        cfg = run.cfg
+        captioner = None
+        if presence_mode(cfg.fidelity.presence, sim) != "joint":
+            captioner = create_backend(captioners, cfg.describe.captioner, cfg.describe.captioner_options,
+                                       probe_dir=str(run.probe.root), device=cfg.device)
+        return build_sample(run, images, acts, captioner, sim, get_embedder(cfg.embedder))
+
+    def label(self, run: ModelRun, rec: Recording, neurons: list[NeuronKey], stats: ModelSummary,
+              fid: FidelitySample | None = None) -> Iterator[list[NeuronResult]]:
         assert isinstance(rec, FullRecording)
         with stats.timed("embed_images"):
             key = content_key("clip-dissect-images", self.space.key, run.probe.fingerprint())
@@ -415,6 +442,9 @@ class ClipDissectLabeler(Labeler):
                     results = [self._neuron(run, layer, u, scores[u], acts[:, u], top[u], rec.rows, img_emb,
                                             captions, float(hi[u]))
                                for u in units[start : start + run.cfg.chunk_size]]
+                if fid is not None:
+                    with stats.timed("fidelity"):
+                        results = with_fidelity(results, fid)
                 yield results
 
     def close(self) -> None:

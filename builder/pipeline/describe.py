@@ -10,7 +10,7 @@ neuron whose captions repeat another's, costs one call.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from PIL import Image
@@ -50,6 +50,31 @@ class NoCaption(Exception):
     for (an Exception value is returned but never stored: asked again next build)."""
 
 
+def caption_items(
+    run: ModelRun, captioner: Captioner, items: dict[str, CaptionItem | Callable[[], CaptionItem]]
+) -> tuple[dict[str, str | None], set[str]]:
+    """One caption per evidence key (cached per image content, box and
+    captioner; an item may be a function making it, called only when the
+    caption must be made), None where the captioner has none; returns the
+    captions and the keys made now."""
+    keys = {k: caption_key(k, captioner) for k in items}
+    bs = run.cfg.describe.batch_size
+
+    def compute(missing: list[str]) -> list[Any]:
+        texts: list[Any] = []
+        for i in range(0, len(missing), bs):
+            part = missing[i : i + bs]
+            got = captioner.caption([it() if callable(it) else it for it in (items[k] for k in part)])
+            if len(got) != len(part):
+                raise BuildError(f"captioner {captioner.name!r} returned {len(got)} captions for {len(part)} images")
+            texts += [NoCaption() if t is None else str(t) for t in got]
+        return texts
+
+    caps, fresh = run.cache.fetch("caption", keys, compute, encode=str.encode, decode=bytes.decode)
+    return ({k: None if isinstance(c, NoCaption) else c for k, c in caps.items()},
+            {k for k in items if keys[k] in fresh})
+
+
 def caption_evidence(
     run: ModelRun, captioner: Captioner, chunk: Sequence[NeuronKey],
     evidence: dict[NeuronKey, list[EvidenceItem]], images: dict[str, Image.Image], calls: Calls,
@@ -63,28 +88,27 @@ def caption_evidence(
         for e in evidence[n]:
             k = run.evidence_key(e)
             item_of.setdefault(k, CaptionItem(images[k], run.probe.files[e.image], e.box))
-    keys = {k: caption_key(k, captioner) for k in images}
-    bs = run.cfg.describe.batch_size
-
-    def compute(missing: list[str]) -> list[Any]:
-        texts: list[Any] = []
-        for i in range(0, len(missing), bs):
-            part = missing[i : i + bs]
-            got = captioner.caption([item_of[k] for k in part])
-            if len(got) != len(part):
-                raise BuildError(f"captioner {captioner.name!r} returned {len(got)} captions for {len(part)} images")
-            texts += [NoCaption() if t is None else str(t) for t in got]
-        return texts
-
-    caps, fresh = run.cache.fetch("caption", keys, compute, encode=str.encode, decode=bytes.decode)
+    caps, fresh = caption_items(run, captioner, {k: item_of[k] for k in images})
     charged: set[str] = set()
     for n in chunk:
         for e in evidence[n]:
             k = run.evidence_key(e)
-            calls.charge(n, "captioner_images", keys[k] in fresh and k not in charged)
+            calls.charge(n, "captioner_images", k in fresh and k not in charged)
             charged.add(k)
-    return {n: [None if isinstance(c, NoCaption) else c for c in (caps[run.evidence_key(e)] for e in evidence[n])]
-            for n in chunk}
+    return {n: [caps[run.evidence_key(e)] for e in evidence[n]] for n in chunk}
+
+
+def caption_probe_images(
+    run: ModelRun, captioner: Captioner, items: Sequence[EvidenceItem]
+) -> tuple[list[str | None], tuple[int, int]]:
+    """Captions of whole probe images (the fidelity sample; None where the
+    captioner has none), with the (made, cached) captioner calls; shared with
+    evidence captions by key."""
+    keyed = {run.evidence_key(e): e for e in items}
+    caps, fresh = caption_items(run, captioner, {
+        k: (lambda e=e: CaptionItem(run.probe.open(e.image), run.probe.files[e.image], None))
+        for k, e in keyed.items()})
+    return [caps[run.evidence_key(e)] for e in items], (len(fresh), len(keyed) - len(fresh))
 
 
 def propose_candidates(

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from builder.cache import ContentCache
+from builder.pipeline.fidelity import FidelitySample
 from builder.pipeline.records import ModelRun, ModelSummary, NeuronKey
 from query.writer import NeuronResult
 
@@ -33,6 +34,11 @@ class Recording(abc.ABC):
     @abc.abstractmethod
     def extremes(self, layer: str) -> tuple[np.ndarray, np.ndarray]:
         """Per unit of ``layer``: its maximum and minimum activation over the probe set."""
+
+    def sample_acts(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The fidelity sample's readable probe indices and, per layer, every
+        unit's activation on them ((images, units)); empty without a sample."""
+        return np.zeros(0, np.int64), {}
 
 
 class Labeler(abc.ABC):
@@ -56,12 +62,19 @@ class Labeler(abc.ABC):
     def record(self, run: ModelRun, stats: ModelSummary) -> Recording:
         """Step 0 over the model's probe set."""
 
+    def fidelity_sample(self, run: ModelRun, rec: Recording) -> FidelitySample | None:
+        """The model's fidelity sample (concept presence from this labeler's
+        captioner or joint image-text space), or None when it has none."""
+        return None
+
     @abc.abstractmethod
     def label(
-        self, run: ModelRun, rec: Recording, neurons: list[NeuronKey], stats: ModelSummary
+        self, run: ModelRun, rec: Recording, neurons: list[NeuronKey], stats: ModelSummary,
+        fid: FidelitySample | None = None,
     ) -> Iterator[list[NeuronResult]]:
-        """The results of ``neurons`` (all live), one chunk at a time; label
-        vectors are left empty (the loop embeds them)."""
+        """The results of ``neurons`` (all live), one chunk at a time, each
+        label's fidelity scored on ``fid``; label vectors are left empty (the
+        loop embeds them)."""
 
     def close(self) -> None:
         """Release what ``open`` loaded."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +19,8 @@ class Label:
     rank: int
     text: str
     concept_score: float | None
+    fidelity_correlation: float | None = None
+    fidelity_auprc: float | None = None
 
 
 @dataclass(frozen=True)
@@ -86,8 +88,7 @@ def select_labels(
 
 
 def _nested(a: str, b: str) -> bool:
-    wa = {singular(w) for w in a.lower().split()}
-    wb = {singular(w) for w in b.lower().split()}
+    wa, wb = _words(a), _words(b)
     return bool(wa) and bool(wb) and (wa <= wb or wb <= wa)
 
 
@@ -104,3 +105,52 @@ def interpretability(embeddings: np.ndarray) -> float:
 
 def _finite(x: float) -> float:
     return x if np.isfinite(x) else -np.inf
+
+
+def choose_by_fidelity(
+    cfg: LabelConfig,
+    cands: Sequence[str],
+    correlation: Sequence[float],
+    dissect_scores: Sequence[float] | None,
+    text_embeddings: np.ndarray,
+    set_correlation: Callable[[list[int]], float],
+) -> dict[int, int]:
+    """Candidate index -> label rank, the labels chosen by their fidelity.
+
+    Label 1: among the candidates whose fidelity correlation is within
+    ``fidelity_tolerance`` of the best, the best dissect score (generated
+    images) decides; then a more general candidate (a strict subset of its
+    words) replaces it unless the extra words raise fidelity by at least
+    ``generality_margin``: a red detector is "red", not "red circle". Labels
+    2-3: the next candidates by fidelity that pass the text-similarity and
+    nesting filters and raise the label set's fidelity (an image shows the
+    set where it shows any of them) by at least ``min_fidelity_gain``: a
+    two-concept unit keeps both concepts, a one-concept unit one label.
+    """
+    n = len(cands)
+    best = max(correlation)
+    near = [i for i in range(n) if correlation[i] >= best - cfg.fidelity_tolerance]
+    first = max(near, key=lambda i: (_finite(dissect_scores[i]) if dissect_scores else 0.0, correlation[i], -i))
+    first = _most_general(cands, correlation, first, cfg.generality_margin)
+    kept = [first]
+    for i in sorted(range(n), key=lambda i: (-correlation[i], i)):
+        if len(kept) >= cfg.max_labels:
+            break
+        if i in kept or not np.all(text_embeddings[kept] @ text_embeddings[i] <= cfg.dedup_threshold):
+            continue
+        if cfg.drop_nested_labels and any(_nested(cands[i], cands[k]) for k in kept):
+            continue
+        if set_correlation(kept + [i]) - set_correlation(kept) >= cfg.min_fidelity_gain:
+            kept.append(i)
+    return {i: r + 1 for r, i in enumerate(kept)}
+
+
+def _most_general(cands: Sequence[str], correlation: Sequence[float], chosen: int, margin: float) -> int:
+    words = _words(cands[chosen])
+    general = [i for i in range(len(cands)) if _words(cands[i]) and _words(cands[i]) < words
+               and correlation[chosen] < correlation[i] + margin]
+    return min(general, key=lambda i: (len(_words(cands[i])), -correlation[i], i)) if general else chosen
+
+
+def _words(text: str) -> set[str]:
+    return {singular(w) for w in text.lower().split()}

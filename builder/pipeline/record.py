@@ -42,6 +42,7 @@ class LayerRecord:
     max_act: np.ndarray  # (C,)
     min_act: np.ndarray  # (C,)
     has_maps: bool
+    sample_vals: np.ndarray | None = None  # (S, C) on the fidelity sample, NaN rows for unreadable images
 
     @property
     def n_units(self) -> int:
@@ -54,6 +55,7 @@ class LayerRecord:
             f"{prefix}max": self.max_act,
             f"{prefix}min": self.min_act,
             f"{prefix}meta": np.array([self.kind, str(int(self.has_maps))]),
+            **({f"{prefix}sample": self.sample_vals} if self.sample_vals is not None else {}),
         }
 
     @classmethod
@@ -61,7 +63,7 @@ class LayerRecord:
         kind, has_maps = (str(x) for x in arrays[f"{prefix}meta"])
         return cls(
             layer, kind, arrays[f"{prefix}vals"], arrays[f"{prefix}idx"],
-            arrays[f"{prefix}max"], arrays[f"{prefix}min"], has_maps == "1",
+            arrays[f"{prefix}max"], arrays[f"{prefix}min"], has_maps == "1", arrays.get(f"{prefix}sample"),
         )
 
 
@@ -189,9 +191,14 @@ def record_topk(
     vit_tokens: str = "cls",
     batch_size: int = 64,
     num_workers: int = 0,
+    sample: np.ndarray | None = None,
 ) -> tuple[dict[str, LayerRecord], RecordStats]:
-    """One pass over ``probe`` recording every layer in ``layers``."""
+    """One pass over ``probe`` recording every layer in ``layers``: each
+    unit's streaming top-M and, for the probe indices ``sample`` (the
+    fidelity sample), every unit's activation on each of them."""
     state = {name: TopK(top_m) for name in layers}
+    row_of = {int(i): j for j, i in enumerate(sample)} if sample is not None else {}
+    sample_vals: dict[str, np.ndarray] = {}
     kinds: dict[str, str] = {}
     has_maps: dict[str, bool] = {}
     seen = peak = 0
@@ -201,11 +208,16 @@ def record_topk(
         skipped += n_skipped
         if outs is None:
             continue
+        picked = [(b, row_of[i]) for b, i in enumerate(indices.tolist()) if i in row_of]
         for name in layers:
             if name not in kinds:
                 kinds[name] = layer_kind(outs[name])
                 has_maps[name] = activation_maps(outs[name][:1]) is not None
-            state[name].update(summarize(outs[name], summary, vit_tokens), indices)
+            summ = summarize(outs[name], summary, vit_tokens)
+            state[name].update(summ, indices)
+            if picked:
+                vals = sample_vals.setdefault(name, np.full((len(row_of), summ.shape[1]), np.nan, np.float32))
+                vals[[r for _, r in picked]] = summ[[b for b, _ in picked]].float().cpu().numpy()
         seen += len(indices)
         peak = max(peak, sum(s.nbytes() for s in state.values()))
     if seen == 0:
@@ -216,10 +228,15 @@ def record_topk(
         result[name] = LayerRecord(
             name, kinds[name], st.vals.numpy().astype(np.float32), st.idx.numpy(),
             st.max.numpy().astype(np.float32), st.min.numpy().astype(np.float32), has_maps[name],
+            _sample_of(sample_vals, name, len(row_of), st.vals.shape[0]) if sample is not None else None,
         )
     stats = RecordStats(seen, skipped, time.perf_counter() - t0, peak)
     log.info("recorded %d images (%d skipped) at %.1f images/s", seen, skipped, stats.images_per_s)
     return result, stats
+
+
+def _sample_of(vals: dict[str, np.ndarray], name: str, rows: int, units: int) -> np.ndarray:
+    return vals.get(name, np.full((rows, units), np.nan, np.float32))
 
 
 def forward_summaries(
@@ -277,7 +294,7 @@ def record_key(run: ModelRun) -> str:
     set: the weights, the probe files, the layers, the summary and M."""
     m, rec = run.model, run.cfg.record
     return content_key("record", run.fingerprint, run.probe.fingerprint(), list(m.layers), run.summary,
-                       m.vit_tokens, rec.top_k * rec.margin)
+                       m.vit_tokens, rec.top_k * rec.margin, run.sample.tolist())
 
 
 def record_all(
@@ -327,3 +344,22 @@ def record_all(
     info_tmp.write_text(json.dumps({"layers": {k: list(v) for k, v in kinds.items()}, "valid": valid.tolist()}))
     os.replace(info_tmp, info_path)
     return np.load(path, mmap_mode="r"), kinds, valid
+
+
+def record_summaries(
+    target: Target, probe: ProbeSet, indices: Sequence[int], layers: Sequence[str], summary: str = "mean",
+    vit_tokens: str = "cls", batch_size: int = 64,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Every unit's summary on the probe images ``indices`` (a sample):
+    (the readable ones among them, {layer: (readable images, units)})."""
+    sub = ProbeSet(probe.root, tuple(probe.files[int(i)] for i in indices))
+    rows: dict[str, list[np.ndarray]] = {name: [] for name in layers}
+    got: list[int] = []
+    for idx, outs, _ in probe_pass(target, sub, layers, batch_size, 0, "record sample"):
+        if outs is None:
+            continue
+        got += idx.tolist()
+        for name in layers:
+            rows[name].append(summarize(outs[name], summary, vit_tokens).float().cpu().numpy())
+    readable = np.asarray(indices, np.int64)[got]
+    return readable, {name: np.concatenate(v) if v else np.zeros((0, 0), np.float32) for name, v in rows.items()}

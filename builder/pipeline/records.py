@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from builder.backends.targets import Target
 from builder.cache import ContentCache, content_key
 from builder.config import BuildConfig, ModelConfig
@@ -38,7 +40,8 @@ class EvidenceItem:
 class ModelRun:
     """One model of a build, loaded: its config, target, probe set, the
     fingerprint of its weights, its summary (mean / max), the content cache
-    and where thumbnails go. ``digests`` memoizes probe files' sha256."""
+    and where thumbnails go, and the probe indices of its fidelity sample.
+    ``digests`` and ``sizes`` memoize probe files' sha256 and image sizes."""
 
     cfg: BuildConfig
     model: ModelConfig
@@ -48,7 +51,9 @@ class ModelRun:
     summary: str
     cache: ContentCache
     images_dir: Path
+    sample: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     digests: dict[int, str] = field(default_factory=dict, compare=False, repr=False)
+    sizes: dict[int, tuple[int, int]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -64,6 +69,13 @@ class ModelRun:
         if image not in self.digests:
             self.digests[image] = self.probe.digest(image)
         return self.digests[image]
+
+    def image_size(self, image: int) -> tuple[int, int]:
+        """(width, height) of probe image ``image`` as the pipeline sees it
+        (the frame crop boxes are in)."""
+        if image not in self.sizes:
+            self.sizes[image] = tuple(self.probe.open(image).size)  # type: ignore[assignment]
+        return self.sizes[image]
 
     def evidence_key(self, e: EvidenceItem) -> str:
         """Content key of an evidence image: the probe file's bytes, the crop

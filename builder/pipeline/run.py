@@ -15,12 +15,21 @@ import logging
 import time
 from pathlib import Path
 
-from builder.backends.targets import fit_to_probe, load_target, resolve_device, resolve_dtype, target_fingerprint
+import numpy as np
+
+from builder.backends.targets import (
+    fit_to_probe,
+    load_target,
+    resolve_device,
+    resolve_dtype,
+    target_fingerprint,
+)
 from builder.cache import ContentCache
 from builder.config import BuildConfig, ModelConfig
 from builder.errors import ConfigError
 from builder.pipeline.clip_dissect import ClipDissectLabeler
 from builder.pipeline.dnd import DnDLabeler
+from builder.pipeline.fidelity import FidelitySample, choose_sample, layer_summary
 from builder.pipeline.labeler import Labeler, Recording
 from builder.pipeline.neurons import is_dead, todo_neurons
 from builder.pipeline.records import BuildSummary, ModelRun, ModelSummary, NeuronKey
@@ -36,6 +45,7 @@ log = logging.getLogger(__name__)
 
 LABELERS: dict[str, type[Labeler]] = {"dnd": DnDLabeler, "clip-dissect": ClipDissectLabeler}
 DEAD_REASON = "constant activation over the probe set"
+FIDELITY_STAGE = "fidelity_captioner_images"  # the fidelity sample's captions, in call_counts
 
 
 def build(cfg: BuildConfig, cache_enabled: bool = True, labeler: Labeler | None = None) -> BuildSummary:
@@ -77,8 +87,10 @@ def load_model(cfg: BuildConfig, m: ModelConfig, cache: ContentCache, images_dir
     target.check_layers(m.layers)
     probe = ProbeSet.scan(m.probe, max_pixels=cfg.record.max_image_pixels)
     target = fit_to_probe(target, probe)  # a preprocess that keeps sizes gets one size for every image
+    sample = (choose_sample(len(probe), cfg.fidelity.sample_size, cfg.fidelity.seed) if cfg.fidelity.enabled
+              else np.zeros(0, np.int64))
     return ModelRun(cfg, m, target, probe, target_fingerprint(target, m.target, m.target_options),
-                    m.summary or cfg.record.summary, cache, images_dir)
+                    m.summary or cfg.record.summary, cache, images_dir, sample)
 
 
 def _build_model(
@@ -103,8 +115,15 @@ def _build_model(
     stats.neurons += len(dead)
     live = [n for n in todo if n not in dead]
     try:
+        fid = None
+        if live and cfg.fidelity.enabled:
+            with stats.timed("fidelity"):
+                fid = labeler.fidelity_sample(run, rec)
         if live:
-            _label(run, rec, live, labeler, writer, embedder, stats)
+            _label(run, rec, live, labeler, writer, embedder, stats, fid)
+        if fid is not None:
+            with stats.timed("fidelity"):
+                _write_layer_fidelity(run, writer, fid)
     finally:
         for stage, secs in stats.seconds.items():
             writer.add_stage_time(m.name, stage, secs)
@@ -127,11 +146,15 @@ def _write_model(run: ModelRun, rec: Recording, labeler: Labeler, writer: AtlasW
 
 def _label(
     run: ModelRun, rec: Recording, live: list[NeuronKey], labeler: Labeler, writer: AtlasWriter, embedder,
-    stats: ModelSummary,
+    stats: ModelSummary, fid: FidelitySample | None,
 ) -> None:
     bar = progress(total=len(live), desc=f"{labeler.name} {run.name}", unit="neuron")
+    sample_calls = fid.calls if fid is not None else None
     try:
-        for results in labeler.label(run, rec, live, stats):
+        for results in labeler.label(run, rec, live, stats, fid):
+            if sample_calls is not None and results:  # the sample's captions, charged to the first neuron
+                results[0].calls[FIDELITY_STAGE] = sample_calls
+                sample_calls = None
             with stats.timed(labeler.write_stage):
                 writer.write_neurons(with_label_vectors(results, embedder))
             for r in results:
@@ -143,3 +166,15 @@ def _label(
             log.info("%s: wrote %d of %d neurons", run.name, stats.ok + stats.failed, len(live))
     finally:
         bar.close()
+
+
+def _write_layer_fidelity(run: ModelRun, writer: AtlasWriter, fid: FidelitySample) -> None:
+    """Each layer's mean label fidelity and its chance level (shuffled labels),
+    over every 'ok' neuron the atlas holds for the model (earlier runs too)."""
+    texts = writer.label_texts(run.name)
+    for layer in run.layers:
+        if layer not in fid.acts:
+            continue
+        labels = {u: t[0] for (lay, u), t in texts.items() if lay == layer and t}
+        writer.replace_layer_fidelity(run.name, layer, layer_summary(fid, layer, labels, run.cfg.fidelity.shuffles,
+                                                                     run.cfg.fidelity.seed))

@@ -66,12 +66,16 @@ def generated_thumbnail(run: ModelRun, key: str, image: Image.Image) -> str:
 
 def evidence_rows(
     run: ModelRun, evidence: Sequence[EvidenceItem], captions: Sequence[str | None],
-    caption_keys: Sequence[str | None], captioner: str | None,
+    caption_keys: Sequence[str | None], captioner: str | None, heatmaps: dict[int, str] | None = None,
 ) -> tuple[EvidenceRow, ...]:
-    """A neuron's evidence rows, rank 1 first, with thumbnails and captions."""
+    """A neuron's evidence rows, rank 1 first: thumbnails (the crop's, boxed,
+    and its whole source image's), the source's size, captions and heatmaps."""
+    heatmaps = heatmaps or {}
     return tuple(
         EvidenceRow(r, run.probe.files[e.image], e.box, e.activation, evidence_thumbnail(run, e),
-                    key, cap, captioner if key is not None else None)
+                    key, cap, captioner if key is not None else None,
+                    source_thumbnail=evidence_thumbnail(run, EvidenceItem(e.image, None, e.activation)),
+                    source_size=run.image_size(e.image), heatmap=heatmaps.get(e.image))
         for r, (e, cap, key) in enumerate(zip(evidence, captions, caption_keys), 1)
     )
 
@@ -81,8 +85,10 @@ def with_label_vectors(results: Sequence[NeuronResult], embedder: Any) -> list[N
     texts = [lab.text for r in results for lab in r.labels]
     vecs = iter(embedder.embed(texts)) if texts else iter(())
     return [
-        dataclasses.replace(r, labels=tuple(LabelRow(lab.rank, lab.text, lab.concept_score, next(vecs))
-                                            for lab in r.labels))
+        dataclasses.replace(r, labels=tuple(
+            LabelRow(lab.rank, lab.text, lab.concept_score, next(vecs), getattr(lab, "fidelity_correlation", None),
+                     getattr(lab, "fidelity_auprc", None))
+            for lab in r.labels))
         for r in results
     ]
 

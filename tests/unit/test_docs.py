@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 from builder.config import (
+    FidelityConfig,
     BuildConfig,
     CropConfig,
     DescribeConfig,
@@ -25,7 +26,7 @@ def test_every_command_is_documented():
 
 def test_every_config_key_is_documented():
     sections = {"record": RecordConfig, "crop": CropConfig, "describe": DescribeConfig,
-                "dissect": DissectConfig, "labels": LabelConfig}
+                "dissect": DissectConfig, "labels": LabelConfig, "fidelity": FidelityConfig}
     for f in dataclasses.fields(BuildConfig):
         assert re.search(rf"^{f.name}\b|^\[{f.name}\]|^\[\[{f.name}\]\]", README, re.M), f"README lacks {f.name}"
     for cls in [ModelConfig, *sections.values()]:

@@ -52,11 +52,11 @@ def site_atlas(make_atlas, labels: list[list[str]], captions: list[str], concept
     for m, ly, u in keys:
         for rank in (1, 2):
             box = "4, 4, 40, 40" if rank == 1 else "NULL, NULL, NULL, NULL"
-            sql.append(f"INSERT INTO evidence VALUES ('{m}', '{ly}', {u}, {rank}, 'p{rank}.png', "
+            sql.append(f"INSERT INTO evidence (model, layer, unit, rank, source, x0, y0, x1, y1, activation, thumbnail, caption_key) VALUES ('{m}', '{ly}', {u}, {rank}, 'p{rank}.png', "
                        f"{box}, {1.0 / rank}, 'images/ev/{rank}.webp', 'k{rank % len(captions)}')")
         for pos, concept in enumerate(concepts):
             samples = json.dumps([f"images/gen/{pos}.webp"])
-            sql.append(f"INSERT INTO candidates VALUES ('{m}', '{ly}', {u}, {pos}, "
+            sql.append(f"INSERT INTO candidates (model, layer, unit, position, concept, topk_squared, image_products, score, selected_rank, samples) VALUES ('{m}', '{ly}', {u}, {pos}, "
                        f"{sql_str(concept)}, {10.0 * pos}, 0.5, {2.0 - pos}, "
                        f"{'1' if pos == 0 else 'NULL'}, {sql_str(samples)})")
         sql.append(f"INSERT INTO call_counts VALUES ('{m}', '{ly}', {u}, 'captioner_images', 10, 3)")

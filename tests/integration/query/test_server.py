@@ -52,11 +52,11 @@ NEURONS = [
 DETAILS = [
     """INSERT INTO captions VALUES
        ('k1', 'img/1.png', NULL, NULL, NULL, NULL, 'oracle', 'a red striped circle')""",
-    """INSERT INTO evidence VALUES
+    """INSERT INTO evidence (model, layer, unit, rank, source, x0, y0, x1, y1, activation, thumbnail, caption_key) VALUES
        ('cnn', 'layer4.0.conv2', 0, 1, 'img/1.png', NULL, NULL, NULL, NULL, 3.5,
         'images/ev/a.png', 'k1'),
        ('cnn', 'layer4.0.conv2', 0, 2, 'img/2.png', 4, 5, 30, 40, 3.1, 'images/ev/b.webp', NULL)""",
-    """INSERT INTO candidates VALUES
+    """INSERT INTO candidates (model, layer, unit, position, concept, topk_squared, image_products, score, selected_rank, samples) VALUES
        ('cnn', 'layer4.0.conv2', 0, 0, 'red striped circle', 1.5, 0.7, 1.4, 1,
         '["images/gen/g1.png"]')""",
     """INSERT INTO call_counts VALUES ('cnn', 'layer4.0.conv2', 0, 'captioner_images', 10, 4)""",

@@ -23,11 +23,11 @@ DETAILS = [
     """INSERT INTO captions VALUES
        ('k1', 'img/1.png', NULL, NULL, NULL, NULL, 'oracle', 'a red striped circle'),
        ('k2', 'img/2.png', 4, 5, 30, 40, 'oracle', 'red stripes')""",
-    """INSERT INTO evidence VALUES
+    """INSERT INTO evidence (model, layer, unit, rank, source, x0, y0, x1, y1, activation, thumbnail, caption_key) VALUES
        ('cnn', 'conv1', 0, 1, 'img/1.png', NULL, NULL, NULL, NULL, 3.5, 'images/a.png', 'k1'),
        ('cnn', 'conv1', 0, 2, 'img/2.png', 4, 5, 30, 40, 3.1, 'images/b.png', 'k2'),
        ('cnn', 'conv1', 0, 3, 'img/3.png', NULL, NULL, NULL, NULL, 2.0, 'images/c.png', NULL)""",
-    """INSERT INTO candidates VALUES
+    """INSERT INTO candidates (model, layer, unit, position, concept, topk_squared, image_products, score, selected_rank, samples) VALUES
        ('cnn', 'conv1', 0, 0, 'red striped circle', 1.5, 0.7, 1.4, 1, '["images/g1.png"]'),
        ('cnn', 'conv1', 0, 1, 'stripes', 4.0, 0.2, 0.2, 2, NULL),
        ('cnn', 'conv1', 0, 2, 'zebra', 9.0, -1, -1, NULL, NULL)""",
@@ -86,7 +86,8 @@ def test_neuron_full_record(atlas_dir):
     assert rec.evidence[2].caption is None
     assert rec.calls == {"captioner_images": (10, 4), "generated_images": (30, 10)}
     d = rec.to_dict()
-    assert d["labels"][0] == {"rank": 1, "text": "red striped circle", "concept_score": 0.9}
+    assert d["labels"][0] == {"rank": 1, "text": "red striped circle", "concept_score": 0.9,
+                              "fidelity_correlation": None, "fidelity_auprc": None}
     json.dumps(d)  # serializable
 
 

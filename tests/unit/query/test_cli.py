@@ -40,8 +40,9 @@ def test_search_json_contract(atlas_dir, capsys):
     assert main(["search", str(atlas_dir), "circle", "-k", "2", "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)
     assert len(hits) == 2
+    # the contract's keys, extended with the matched label's fidelity
     assert set(hits[0]) == {"model", "layer", "unit", "labels", "score", "similarity",
-                            "matched_label"}
+                            "matched_label", "fidelity_correlation", "fidelity_auprc"}
     assert (hits[0]["model"], hits[0]["layer"], hits[0]["unit"]) == ("cnn", "conv1", 0)
     assert hits[0]["labels"] == ["red striped circle", "stripes"]
     assert isinstance(hits[0]["similarity"], float) and isinstance(hits[0]["unit"], int)
@@ -50,7 +51,7 @@ def test_search_json_contract(atlas_dir, capsys):
 def test_search_filters_and_table(atlas_dir, capsys):
     assert main(["search", str(atlas_dir), "dog", "--layer", "conv2", "--model", "cnn"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["#", "model", "layer", "unit", "similarity", "score", "matched",
+    assert out[0].split() == ["#", "model", "layer", "unit", "similarity", "fidelity", "score", "matched",
                               "labels"]
     assert len(out) == 3  # header, rule, the one ok neuron of conv2
     assert out[2].split()[:4] == ["1", "cnn", "conv2", "0"]

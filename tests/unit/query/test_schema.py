@@ -15,6 +15,7 @@ EXPECTED = {
         ("model", "VARCHAR"), ("layer", "VARCHAR"), ("unit", "INTEGER"), ("position", "INTEGER"),
         ("concept", "VARCHAR"), ("topk_squared", "DOUBLE"), ("image_products", "DOUBLE"),
         ("score", "DOUBLE"), ("selected_rank", "INTEGER"), ("samples", "VARCHAR"),
+        ("fidelity_correlation", "DOUBLE"), ("fidelity_auprc", "DOUBLE"), ("source", "VARCHAR"),
     ],
     "captions": [
         ("caption_key", "VARCHAR"), ("source", "VARCHAR"), ("x0", "INTEGER"), ("y0", "INTEGER"),
@@ -24,13 +25,14 @@ EXPECTED = {
         ("model", "VARCHAR"), ("layer", "VARCHAR"), ("unit", "INTEGER"), ("rank", "INTEGER"),
         ("source", "VARCHAR"), ("x0", "INTEGER"), ("y0", "INTEGER"), ("x1", "INTEGER"),
         ("y1", "INTEGER"), ("activation", "DOUBLE"), ("thumbnail", "VARCHAR"),
-        ("caption_key", "VARCHAR"),
+        ("caption_key", "VARCHAR"), ("source_thumbnail", "VARCHAR"), ("source_width", "INTEGER"),
+        ("source_height", "INTEGER"), ("heatmap", "VARCHAR"),
     ],
     "label_vectors": [("label_id", "BIGINT"), ("vec", "FLOAT[]")],
     "labels": [
         ("label_id", "BIGINT"), ("model", "VARCHAR"), ("layer", "VARCHAR"), ("unit", "INTEGER"),
         ("rank", "INTEGER"), ("text", "VARCHAR"), ("concept_score", "DOUBLE"),
-        ("interpretability", "DOUBLE"),
+        ("interpretability", "DOUBLE"), ("fidelity_correlation", "DOUBLE"), ("fidelity_auprc", "DOUBLE"),
     ],
     "layers": [
         ("model", "VARCHAR"), ("layer", "VARCHAR"), ("position", "INTEGER"), ("kind", "VARCHAR"),
@@ -44,6 +46,10 @@ EXPECTED = {
     "neurons": [
         ("model", "VARCHAR"), ("layer", "VARCHAR"), ("unit", "INTEGER"), ("status", "VARCHAR"),
         ("reason", "VARCHAR"), ("max_activation", "DOUBLE"), ("interpretability", "DOUBLE"),
+        ("dropped_crops", "INTEGER"),
+    ],
+    "layer_fidelity": [
+        ("model", "VARCHAR"), ("layer", "VARCHAR"), ("metric", "VARCHAR"), ("value", "DOUBLE"),
     ],
     "stage_times": [("model", "VARCHAR"), ("stage", "VARCHAR"), ("seconds", "DOUBLE")],
     "evaluations": [
@@ -66,7 +72,7 @@ def _columns(con):
 
 def test_schema_golden():
     con = duckdb.connect()
-    assert migrate(con) == FORMAT_VERSION == 2
+    assert migrate(con) == FORMAT_VERSION == 3
     assert _columns(con) == EXPECTED
     assert current_version(con) == FORMAT_VERSION
 
@@ -96,6 +102,7 @@ def test_a_version_1_atlas_is_migrated_in_order(tmp_path):
     con.execute("INSERT INTO meta VALUES ('format_version', '1')")
     con.execute("INSERT INTO models VALUES ('m', 't', 'p', 1, 0, '{}')")
     assert current_version(con) == 1
-    assert migrate(con) == 2
+    assert migrate(con) == 3
     assert con.execute("SELECT model FROM models").fetchall() == [("m",)]  # data kept
-    assert "evaluations" in _columns(con)
+    assert "evaluations" in _columns(con) and "layer_fidelity" in _columns(con)
+    assert ("fidelity_correlation", "DOUBLE") in _columns(con)["labels"]

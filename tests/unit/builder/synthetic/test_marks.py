@@ -458,7 +458,7 @@ def _atlas(folder: Path, gt: dict, labels: list[tuple[str, str, int, int, str]])
             )
     for i, (model, layer, unit, rank, text) in enumerate(labels):
         con.execute(
-            "INSERT INTO labels VALUES (?, ?, ?, ?, ?, ?, NULL, NULL)",
+            "INSERT INTO labels (label_id, model, layer, unit, rank, text, concept_score, interpretability) VALUES (?, ?, ?, ?, ?, ?, NULL, NULL)",
             [i, model, layer, unit, rank, text],
         )
     con.close()
