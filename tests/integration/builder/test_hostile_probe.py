@@ -72,6 +72,9 @@ def test_a_hostile_probe_folder_builds_and_counts_every_skip(tmp_path):
     assert all(cap is None for _, src, cap in ev if src in hostile_read)
     assert all(cap is not None for _, src, cap in ev if src not in hostile_read)
     assert sum(m.missing_captions for m in summary.models) == sum(1 for _, src, _ in ev if src in hostile_read)
+    # the fidelity sample (every readable image here) keeps only the images the oracle could caption
+    assert set(rows(atlas, "SELECT model, value FROM layer_fidelity WHERE metric = 'sample_images'")) == {
+        ("cnn", N_PROBE), ("planted", N_PROBE)}
 
 
 @pytest.mark.timeout(300)
@@ -134,6 +137,9 @@ def test_a_probe_file_deleted_after_recording_fails_its_neurons_and_the_resume_n
     failed = rows(tmp_path / "atlas", "SELECT unit, reason FROM neurons WHERE status = 'failed'")
     assert (0, f"probe file {deleted[0]!r} vanished after recording") in failed
     assert not rows(tmp_path / "atlas", f"SELECT * FROM evidence WHERE source = '{deleted[0]}'")
+    # the vanished file left the fidelity sample instead of failing the build
+    assert rows(tmp_path / "atlas", "SELECT value FROM layer_fidelity WHERE metric = 'sample_images'") == [
+        (N_PROBE - 1,)]
 
     # a resume over the changed folder is refused, naming what changed and what to do
     kept = sorted(p.name for p in (probe / "images").iterdir())
