@@ -2,7 +2,7 @@
 
 Four ``demo-cnn`` builds (layers conv4 and fc, crops and concept selection
 on) over the same ``PROBE_IMAGES`` synthetic images, each in a fresh
-``dnd-atlas build`` process whose peak RSS is read with ``os.wait4``:
+``dnd-atlas build`` process whose own peak RSS (``VmHWM``) it reports as it exits:
 
 - ``plain``: the folder as rendered;
 - ``png``: plus one 12000 x 12000 RGB PNG of one colour (default
@@ -46,18 +46,30 @@ def _config(probe: Path, out: Path, unlimited: bool) -> str:
     return str(path)
 
 
+# The build runs in a child whose own peak is read from /proc/self/status (VmHWM) as it exits:
+# ``ru_maxrss`` of a child started by vfork (what subprocess uses) also counts the parent's peak.
+_WRAP = """
+import atexit, os, sys
+def _hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            open(os.environ["DND_BENCH_HWM"], "w").write(line.split()[1])
+atexit.register(_hwm)
+from query.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def _peak_rss_mb(config: str) -> tuple[float, float]:
     """(peak RSS in MB, wall seconds) of one ``dnd-atlas build`` process."""
-    env = {**os.environ, "DND_ATLAS_PROGRESS": "0", "HF_HUB_OFFLINE": "1"}
+    hwm = Path(config).with_suffix(".hwm")
+    env = {**os.environ, "DND_ATLAS_PROGRESS": "0", "HF_HUB_OFFLINE": "1", "DND_BENCH_HWM": str(hwm)}
     t = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "query.cli", "--log-level", "ERROR", "build", "--config", config],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    err = proc.stderr.read().decode(errors="replace")  # type: ignore[union-attr]
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc = subprocess.run([sys.executable, "-c", _WRAP, "--log-level", "ERROR", "build", "--config", config],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"build {config} failed ({proc.returncode}): {err[-2000:]}")
-    return usage.ru_maxrss / 1024.0, time.perf_counter() - t  # ru_maxrss is in KB on Linux
+        raise RuntimeError(f"build {config} failed ({proc.returncode}): {proc.stderr.decode(errors='replace')[-2000:]}")
+    return int(hwm.read_text()) / 1024.0, time.perf_counter() - t  # VmHWM is in kB
 
 
 def _folders(root: Path) -> dict[str, Path]:
