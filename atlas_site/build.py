@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from atlas_site import data, render
-from atlas_site.assets import HOOKS, SCRIPTS, STYLES, asset
+from atlas_site.assets import HOOKS, MODULES, SCRIPTS, STYLES, asset
 from atlas_site.charts import histogram_svg
 from atlas_site.images import ImageSet, publish_images
 from atlas_site.output import (
@@ -49,6 +49,8 @@ from atlas_site.output import (
     replace_site,
     write_manifest,
 )
+from atlas_site.runtime import find_runtime
+from atlas_site.semantic import write_semantic
 from query import Atlas
 from query.bulk import layer_records, similar_neurons
 from query.errors import AtlasError
@@ -142,9 +144,11 @@ def _nav(names: Sequence[str], layers: Sequence[LayerInfo]) -> tuple[list, list[
 
 
 def generate_project(atlas: Atlas, writer: ProjectWriter,
-                     site_name: str | None = None) -> dict[str, int]:
+                     site_name: str | None = None, semantic: bool = True) -> dict[str, int]:
     """Write ``mkdocs.yml``, the hook and ``docs/`` for an open atlas through ``writer``;
-    returns counts (pages, neurons, data files, images)."""
+    returns counts (pages, neurons, data files, images). ``semantic``: add the
+    in-browser semantic search when the atlas and the cache allow it
+    (:mod:`atlas_site.semantic`)."""
     t0 = time.perf_counter()
     models = {m.model: m for m in atlas.models()}
     layers = atlas.layers()
@@ -167,9 +171,10 @@ def generate_project(atlas: Atlas, writer: ProjectWriter,
         bar.update(len(records))
     bar.close()
     del similar
+    fidelity = atlas.layer_fidelity()
     for li in layers:
         writer.text(_docs(f"{render.layer_page(li.model, li.layer)}.md"),
-                    render.render_layer(li, charts))
+                    render.render_layer(li, charts, fidelity.get((li.model, li.layer))))
     for m in names:
         own = [li for li in layers if li.model == m]
         writer.text(_docs(f"{render.model_page(m)}.md"),
@@ -178,10 +183,11 @@ def generate_project(atlas: Atlas, writer: ProjectWriter,
                                                       evaluations=evaluations(atlas)))
     writer.text(_docs(f"{render.NEURON_PAGE}.md"), render.render_neuron_template())
     writer.text(_docs(f"{render.SEARCH_PAGE}.md"), render.render_search())
-    writer.text(_docs(data.SITE_FILE), json.dumps(data.site_data(name, layers, names, layer_chunks),
-                                                  ensure_ascii=False, indent=1))
     writer.data(_docs(data.SEARCH_FILE), data.gzip_json(search.to_dict()))
-    for f in (*SCRIPTS, *STYLES):
+    sem = write_semantic(atlas, writer, find_runtime()) if semantic else None
+    writer.text(_docs(data.SITE_FILE), json.dumps(
+        data.site_data(name, layers, names, layer_chunks, semantic=sem), ensure_ascii=False, indent=1))
+    for f in (*SCRIPTS, *MODULES, *STYLES):
         writer.text(_docs(f"assets/{f}"), asset(f))
     writer.text(HOOKS, asset(HOOKS))
     nav, not_in_nav = _nav(names, layers)
@@ -230,13 +236,15 @@ def _build_into(out: Path, project: Path, written: frozenset[str], old: Manifest
 
 
 def build_site(atlas_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
-               site_name: str | None = None, build: bool = True, shared: bool = False) -> Path:
+               site_name: str | None = None, build: bool = True, shared: bool = False,
+               semantic: bool = True) -> Path:
     """Render the atlas into ``out_dir/project`` and build it into ``out_dir/site``.
 
     Returns the built site folder (``out_dir/site``), or the project folder when
     ``build`` is false. ``out_dir`` must be new, empty or made by an earlier
     call (see :mod:`atlas_site.output`); with ``shared`` it may hold other files,
-    which are left alone. Open the site with ``python -m http.server -d
+    which are left alone. ``semantic=False`` leaves out the in-browser semantic
+    search (keyword search only; see :mod:`atlas_site.semantic`). Open the site with ``python -m http.server -d
     OUT/site``, or publish it with ``mkdocs gh-deploy`` run from ``OUT/project``.
     Raises :class:`AtlasError` subclasses (no atlas, wrong format, a refused
     ``out_dir``, a failed build), in which case nothing a user wrote was touched.
@@ -251,7 +259,7 @@ def build_site(atlas_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str
         project.mkdir(parents=True, exist_ok=True)
         write_manifest(project, Manifest(old.project, old.site, complete=False))
         writer = ProjectWriter(project, old)
-        generate_project(atlas, writer, site_name=site_name)
+        generate_project(atlas, writer, site_name=site_name, semantic=semantic)
     removed = writer.finish()
     if removed:
         log.info("removed %d files of the earlier project", removed)

@@ -228,9 +228,12 @@ def chunks(records: Sequence[NeuronRecord]) -> dict[int, list[NeuronRecord]]:
 
 
 def site_data(name: str, layers: Sequence[LayerInfo], model_names: Sequence[str],
-              layer_chunks: dict[tuple[str, str], list[int]]) -> dict[str, Any]:
-    """``data/site.json``: what every page needs to map URL slugs to names, and which
-    chunk files each layer has (so a page never asks for a file that is not there)."""
+              layer_chunks: dict[tuple[str, str], list[int]],
+              semantic: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``data/site.json``: what every page needs to map URL slugs to names, which
+    chunk files each layer has (so a page never asks for a file that is not there)
+    and, when the site has semantic search, its index file and size
+    (:func:`atlas_site.semantic.write_semantic`)."""
     return {
         "format": DATA_FORMAT, "name": name, "chunk": CHUNK,
         "models": [{"name": m, "slug": slug(m)} for m in model_names],
@@ -238,6 +241,7 @@ def site_data(name: str, layers: Sequence[LayerInfo], model_names: Sequence[str]
                     "kind": li.kind, "n_units": li.n_units, "n_ok": li.n_ok,
                     "n_dead": li.n_dead, "n_failed": li.n_failed,
                     "chunks": layer_chunks.get((li.model, li.layer), [])} for li in layers],
+        "semantic": semantic,
     }
 
 

@@ -106,14 +106,17 @@ def render_neuron_template() -> str:
 
 
 def render_search() -> str:
-    """The search page: keyword search over every label, in the browser."""
+    """The search page: semantic search when the site has it (keyword search
+    otherwise), with model and layer filters, in the browser."""
     return (_front_matter("Search neurons")
             + "# Search neurons\n\n"
             '<div class="atlas-search-page" data-atlas-view="search">\n'
             '<form class="atlas-search-form" role="search">'
             '<input type="search" class="atlas-search-input" name="q" '
-            'placeholder="words in labels, e.g. striped circle" autocomplete="off" '
-            'aria-label="Search neurons by label words">'
+            'placeholder="a concept, e.g. striped circle" autocomplete="off" '
+            'aria-label="Search neurons by concept">'
+            '<select class="atlas-search-model" aria-label="Model"></select>'
+            '<select class="atlas-search-layer" aria-label="Layer"></select>'
             '<button type="submit">Search</button></form>\n'
             '<p class="atlas-search-status atlas-muted"></p>\n'
             '<ol class="atlas-search-results"></ol>\n'
@@ -121,9 +124,26 @@ def render_search() -> str:
             "</div>\n")
 
 
-def render_layer(li: LayerInfo, charts: Charts) -> str:
-    """The Markdown of one layer's page: histograms and the table the browser fills
-    from the layer's index file (sortable, filterable, paged)."""
+def fidelity_line(summary: Mapping[str, float | None] | None) -> str:
+    """One sentence on a layer's label fidelity and its chance level (the
+    build's ``layer_fidelity`` rows); "" when the atlas has none."""
+    if not summary or summary.get("label_correlation") is None:
+        return ""
+    parts = [f"mean correlation {number(summary['label_correlation'])}"]
+    if summary.get("shuffled_correlation") is not None:
+        parts[0] += f" (labels shuffled among units: {number(summary['shuffled_correlation'])})"
+    if summary.get("label_auprc") is not None:
+        parts.append(f"AUPRC {number(summary['label_auprc'])} (chance "
+                     f"{number(summary.get('positive_fraction'))})")
+    n = summary.get("sample_images")
+    over = f" over {int(n)} sample images" if n else ""
+    return f'<p class="atlas-fidelity">Label fidelity{over}: {"; ".join(parts)}.</p>\n'
+
+
+def render_layer(li: LayerInfo, charts: Charts, fidelity: Mapping[str, float | None] | None = None) -> str:
+    """The Markdown of one layer's page: its label fidelity against chance,
+    histograms and the table the browser fills from the layer's index file
+    (sortable, filterable, paged)."""
     page = layer_page(li.model, li.layer)
     title = f"{li.model} / {li.layer}"
     crumbs = (f'<p class="atlas-crumbs"><a href="{href(page, "index.html")}">Home</a> › '
@@ -135,7 +155,7 @@ def render_layer(li: LayerInfo, charts: Charts) -> str:
              "<noscript><p>The table needs JavaScript.</p></noscript></div>\n</div>\n")
     return "".join([
         _front_matter(title), "# ", text(title), '\n\n<div class="atlas-layer">\n', crumbs,
-        f"<p>{li.n_units} units ({text(li.kind)}): {_status_counts(li)}.</p>\n",
+        f"<p>{li.n_units} units ({text(li.kind)}): {_status_counts(li)}.</p>\n", fidelity_line(fidelity),
         _chart_imgs(page, li, charts, lazy=False), table])
 
 

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from bench import (
+    cold_search,
     cost,
     dictionary,
     embedder,
@@ -24,7 +25,7 @@ from bench import (
 
 BENCHES = {"recording": recording.run, "search": search.run, "pipeline": pipeline.run, "cost": cost.run,
            "site": site.run, "gpu_shapes": gpu_shapes.run, "embedder": embedder.run, "worlds": worlds.run,
-           "dictionary": dictionary.run, "hostile": hostile.run}
+           "dictionary": dictionary.run, "cold_search": cold_search.run, "hostile": hostile.run}
 
 
 def main(argv: list[str] | None = None) -> int:

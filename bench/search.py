@@ -4,7 +4,9 @@ The atlas is written straight with SQL (like the test fixtures): 2,000 real
 label texts are embedded with the default embedder and each is spread into
 50 nearby vectors (small noise, renormalized), so the index holds 100,000
 distinct vectors. Each timed query goes through ``Atlas.search``: embedding
-the query, the FAISS search and the DuckDB lookups of the hits.
+the query, the FAISS search and the DuckDB lookups of the hits; once with
+today's sentence-transformers embedder and once with the ONNX embedder the
+atlas carries (exported into it, as a build does), taking turns.
 """
 
 from __future__ import annotations
@@ -68,23 +70,35 @@ def make_atlas(path: Path, n_labels: int = 100_000, seed: int = 0) -> int:
 
 
 def run(n_labels: int = 100_000, n_queries: int = 100) -> dict[str, str]:
+    """Search latency through today's sentence-transformers query embedder
+    (``search_p50_ms``, ``search_p95_ms``) and through the ONNX embedder the
+    atlas carries (``..._onnx``), the two taking turns on each query."""
+    from builder.atlas_embedder import carry_embedder
+
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         count = make_atlas(Path(tmp), n_labels)
         t_build = time.perf_counter() - t
-        times = []
+        carry_embedder(tmp, "minilm")
+        embedders = {"": get_embedder("minilm"), "_onnx": None}
+        times: dict[str, list[float]] = {key: [] for key in embedders}
         with Atlas.open(tmp) as atlas:
-            atlas.search("warm up", k=10)
+            embedders["_onnx"] = atlas.embedder  # what the atlas carries
+            for emb in embedders.values():
+                atlas.embedder = emb
+                atlas.search("warm up", k=10)
             for i in range(n_queries):
                 q = QUERIES[i % len(QUERIES)] + ("" if i < len(QUERIES) else f" {i}")
-                t = time.perf_counter()
-                hits = atlas.search(q, k=10)
-                times.append(time.perf_counter() - t)
-                assert hits, "a search over a full atlas found nothing"
-    ms = np.array(times) * 1000
-    return {
-        "search_labels": str(count),
-        "search_atlas_build_s": f"{t_build:.1f}",
-        "search_p50_ms": f"{np.percentile(ms, 50):.2f}",
-        "search_p95_ms": f"{np.percentile(ms, 95):.2f}",
-    }
+                for key, emb in embedders.items():
+                    atlas.embedder = emb
+                    t = time.perf_counter()
+                    hits = atlas.search(q, k=10)
+                    times[key].append(time.perf_counter() - t)
+                    assert hits, "a search over a full atlas found nothing"
+    out = {"search_labels": str(count), "search_atlas_build_s": f"{t_build:.1f}"}
+    for key, ts in times.items():
+        ms = np.array(ts) * 1000
+        out[f"search_p50_ms{key}"] = f"{np.percentile(ms, 50):.2f}"
+        out[f"search_p95_ms{key}"] = f"{np.percentile(ms, 95):.2f}"
+    out["search_p50_ratio_st_vs_onnx"] = f"{np.percentile(times[''], 50) / np.percentile(times['_onnx'], 50):.2f}"
+    return out

@@ -163,7 +163,7 @@ def _insert_arrow(con, table: str, columns: dict) -> None:
     name = f"_bench_{table}"
     con.register(name, pa.table(columns))
     try:
-        con.execute(f"INSERT INTO {table} SELECT * FROM {name}")
+        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM {name}")  # columns added later stay NULL
     finally:
         con.unregister(name)
 

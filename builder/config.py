@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from builder.config_values import declared_type, parse_table, wants_text
 from builder.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -220,6 +221,7 @@ class BuildConfig:
     models: tuple[ModelConfig, ...] = ()
     labeler: str = "dnd"  # dnd | clip-dissect (the baseline)
     embedder: str = "minilm"
+    embedder_quantize: str = ""  # the ONNX embedder the atlas carries: "" (fp32) | dynamic | weights (int8)
     device: str = "auto"
     dtype: str = "auto"  # target model precision: auto (float32) | float32 | float16 | bfloat16
     cache_dir: str = ""  # "" = <out>/cache
@@ -234,6 +236,8 @@ class BuildConfig:
     clip_dissect: ClipDissectConfig = field(default_factory=ClipDissectConfig)
 
     def __post_init__(self) -> None:
+        if not self.out.strip():
+            raise ConfigError("out must name the atlas folder, got an empty string")
         if self.shard:
             shard_of(self.shard)  # validates
         if self.labeler not in ("dnd", "clip-dissect"):
@@ -248,6 +252,8 @@ class BuildConfig:
         _positive(self, "chunk_size")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ConfigError("dtype must be auto, float32, float16 or bfloat16")
+        if self.embedder_quantize not in ("", "dynamic", "weights"):
+            raise ConfigError(f"embedder_quantize must be '', 'dynamic' or 'weights', got {self.embedder_quantize!r}")
 
     # -- (de)serialization -------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -256,45 +262,12 @@ class BuildConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BuildConfig:
-        """Build and validate a config; unknown keys raise ConfigError."""
-        data = _drop_legacy(dict(data))
-        _check_keys(cls, data, "")
-        kwargs: dict[str, Any] = {}
-        sections = {
-            "record": RecordConfig,
-            "crop": CropConfig,
-            "describe": DescribeConfig,
-            "dissect": DissectConfig,
-            "labels": LabelConfig,
-            "fidelity": FidelityConfig,
-            "clip_dissect": ClipDissectConfig,
-        }
-        for key, value in data.items():
-            if key in sections:
-                if not isinstance(value, dict):
-                    raise ConfigError(f"[{key}] must be a table")
-                _check_keys(sections[key], value, key + ".")
-                kwargs[key] = sections[key](**value)
-            elif key == "models":
-                if not isinstance(value, list):
-                    raise ConfigError("models must be an array of tables ([[models]])")
-                models = []
-                for i, m in enumerate(value):
-                    if not isinstance(m, dict):
-                        raise ConfigError(f"models[{i}] must be a table")
-                    _check_keys(ModelConfig, m, f"models[{i}].")
-                    m = dict(m)
-                    for key in ("layers", "units"):
-                        if key in m:
-                            m[key] = tuple(m[key])
-                    models.append(ModelConfig(**m))
-                kwargs["models"] = tuple(models)
-            else:
-                kwargs[key] = value
-        try:
-            return cls(**kwargs)
-        except TypeError as exc:  # a missing required key
-            raise ConfigError(str(exc)) from exc
+        """Build and validate a config: every value is parsed to the type its
+        field declares (``builder.config_values``); unknown keys and values
+        that do not parse raise a one-line ConfigError."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a config must be a table of keys, got {type(data).__name__}")
+        return cls(**parse_table(cls, _drop_legacy(dict(data))))
 
     def redacted(self) -> dict[str, Any]:
         """``to_dict`` with secrets (``api_key``, ``token``, ``password`` in any
@@ -315,7 +288,8 @@ class BuildConfig:
         but where the output and caches live): used to refuse resuming or
         merging with a different config."""
         d = self.to_dict()
-        for key in ("out", "cache_dir", "device", "chunk_size", "shard"):
+        # embedder_quantize: only the copy of the embedder that searches the atlas, not its labels
+        for key in ("out", "cache_dir", "device", "chunk_size", "shard", "embedder_quantize"):
             d.pop(key, None)
         d["record"].pop("num_workers", None)
         d["record"].pop("batch_size", None)
@@ -401,36 +375,48 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 def apply_override(data: dict[str, Any], item: str) -> None:
     """Set ``a.b.c=value`` in a nested dict; ``models.0.layers=[...]`` indexes
-    the model list."""
+    the model list. The value is read as TOML; a bare word (or a number, for a
+    key declared as a string) stays the text it was typed as. ``from_dict``
+    then parses it to the key's declared type."""
     key, sep, raw = item.partition("=")
-    if not sep or not key.strip():
+    parts = [p.strip() for p in key.split(".")]
+    if not sep or not all(parts):
         raise ConfigError(f"override {item!r} must look like section.key=value")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    parts = key.strip().split(".")
+    value = _override_value(raw, declared_type(BuildConfig, parts))
     node: Any = data
-    for part in parts[:-1]:
+    for i, part in enumerate(parts[:-1]):
+        here = ".".join(parts[: i + 1])
         if isinstance(node, list):
-            try:
-                node = node[int(part)]
-            except (ValueError, IndexError) as exc:
-                raise ConfigError(f"override {item!r}: no list entry {part!r}") from exc
+            node = node[_list_index(node, part, item)]
+        elif parts[i + 1].isdigit() and not isinstance(node.get(part), list):
+            raise ConfigError(f"override {item!r}: the config has no list {here!r} to index")
         else:
             node = node.setdefault(part, {})
-    if isinstance(node, list):
-        raise ConfigError(f"override {item!r}: cannot set a list entry")
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"override {item!r}: {here!r} holds {type(node).__name__} value, not a table")
+    if not isinstance(node, dict):
+        raise ConfigError(f"override {item!r}: cannot set a list entry; set the whole list")
     node[parts[-1]] = value
 
 
-def _check_keys(cls: type, data: dict[str, Any], prefix: str) -> None:
-    valid = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in valid:
-            raise ConfigError(
-                f"unknown config key {prefix + key!r} (valid keys: {', '.join(sorted(valid))})"
-            )
+def _override_value(raw: str, declared: Any) -> Any:
+    """An override's text as TOML (one value, nothing after it), else the text."""
+    try:
+        parsed = tomllib.loads(f"v = {raw}")
+    except tomllib.TOMLDecodeError:
+        return raw.strip()
+    if set(parsed) != {"v"}:  # "3\nother = 4" sets one key, not two
+        return raw.strip()
+    value = parsed["v"]
+    if declared is not None and wants_text(declared) and not isinstance(value, (str, list, dict)):
+        return raw.strip()  # --set models.0.name=123 names the model "123"
+    return value
+
+
+def _list_index(node: list[Any], part: str, item: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override {item!r}: no list entry {part!r} (the list has {len(node)})")
+    return int(part)
 
 
 def _positive(obj: Any, *names: str) -> None:

@@ -219,6 +219,17 @@ def export_embedder(
     return manifest.to_dict()
 
 
+def current_export(out_dir: str | os.PathLike[str], name_or_folder: str | os.PathLike[str],
+                   quantize: bool | str = False, *, opset: int = DEFAULT_OPSET) -> dict[str, Any] | None:
+    """The manifest of ``out_dir`` when it holds an intact export of exactly this model
+    (its files' sha256), name and settings, else ``None``: what
+    :func:`export_embedder` would reuse, without loading torch."""
+    mode = quantization_mode(quantize)
+    name, folder = resolve_embedder(name_or_folder)
+    manifest = _reusable(Path(out_dir), {"sha256": source_digest(folder)}, mode, opset)
+    return manifest.to_dict() if manifest is not None and manifest.name == name else None
+
+
 def quantize_embedder(src_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                       mode: str = "dynamic") -> dict[str, Any]:
     """An int8 copy of the fp32 ONNX embedder in ``src_dir``, written to ``out_dir``; returns its manifest.

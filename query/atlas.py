@@ -20,8 +20,10 @@ from typing import Any
 import duckdb
 import numpy as np
 
+from query.dberrors import GuardedConnection, db_error
 from query.errors import AtlasError, AtlasNotFound, FormatVersionError, QueryError
 from query.index import load_index, read_label_vectors
+from query.ranking import rank_neurons, ranking_complete, text_similarities
 from query.records import (
     LayerInfo,
     ModelInfo,
@@ -125,6 +127,7 @@ class Atlas:
         self._meta: dict[str, Any] | None = None
         self._index: Any = None
         self._index_checked = False
+        self._embedder: Any = None
 
     # -- opening -----------------------------------------------------------------
 
@@ -147,9 +150,11 @@ class Atlas:
                 raise AtlasNotFound(f"no atlas at {path} (missing {db})")
             atlas_dir.mkdir(parents=True, exist_ok=True)
         try:
-            con = duckdb.connect(str(db), read_only=read_only)
+            raw = duckdb.connect(str(db), read_only=read_only)
         except duckdb.Error as exc:
-            raise AtlasError(f"cannot open {db}: {str(exc).splitlines()[0]}") from None
+            raise db_error(exc, db, "open") from None
+        # a truncated or damaged file fails on some later read: one line then too
+        con = GuardedConnection(raw, db, "read" if read_only else "write", hold_interrupts=not read_only)
         try:
             version = current_version(con)
             if version == 0 and not create:
@@ -378,13 +383,30 @@ class Atlas:
 
         return self._rank(nearest, total, k, model, layer, min_fidelity)
 
-    def _embed_query(self, text: str) -> np.ndarray:
-        from query.embedder import get_embedder
+    @property
+    def embedder(self) -> Any:
+        """The query embedder of :meth:`search`, loaded on first use.
 
-        name = self.meta.get("embedder")
-        if not name:
-            raise AtlasError("the atlas meta has no 'embedder'; rebuild the atlas")
-        return get_embedder(str(name)).embed([text])[0]
+        The atlas's own ONNX embedder when it carries one (onnxruntime, no
+        torch), else the sentence-transformers model its meta names
+        (:func:`query.onnx_embedder.query_embedder`). Assign any object with
+        ``embed(texts)`` and ``dim`` to search through another one.
+        """
+        if self._embedder is None:
+            from query.onnx_embedder import query_embedder
+
+            name = self.meta.get("embedder")
+            if not name:
+                raise AtlasError("the atlas meta has no 'embedder'; rebuild the atlas")
+            self._embedder = query_embedder(self.path, str(name))
+        return self._embedder
+
+    @embedder.setter
+    def embedder(self, value: Any) -> None:
+        self._embedder = value
+
+    def _embed_query(self, text: str) -> np.ndarray:
+        return self.embedder.embed([text])[0]
 
     def _search_index(self) -> Any:
         """The FAISS index when it is present and current, else ``None`` (logged once)."""
@@ -414,34 +436,49 @@ class Atlas:
         layer: str | None,
         min_fidelity: float | None = None,
     ) -> list[SearchHit]:
-        """Group the nearest labels per neuron, over-fetching until ``k`` neurons qualify."""
+        """The ``k`` best neurons from the nearest labels, by :mod:`query.ranking`'s rules
+        (copies of a text tie, ties go to the smaller key), over-fetching until
+        the ranking cannot change."""
         if total == 0:
             return []
         where, params = ok_labels_filter(model, layer, min_fidelity)
         n = min(total, max(3 * k, 32))  # up to 3 labels per neuron
         while True:
             ids, sims = nearest(n)
-            rows = self.sql(
-                "SELECT l.label_id, l.model, l.layer, l.unit, l.text, l.fidelity_correlation, l.fidelity_auprc "
-                "FROM labels l "
+            text_of = {r["label_id"]: r["text"] for r in self.sql(
+                "SELECT l.label_id, l.text FROM labels l "
                 "JOIN neurons n ON n.model = l.model AND n.layer = l.layer AND n.unit = l.unit "
                 f"WHERE l.label_id IN (SELECT unnest(?::BIGINT[])) AND {where}",
                 [ids.tolist(), *params],
-            )
-            by_id = {r["label_id"]: r for r in rows}
-            best: dict[tuple[str, str, int], tuple[float, dict[str, Any]]] = {}
-            for label_id, sim in zip(ids.tolist(), sims.tolist()):
-                r = by_id.get(label_id)
-                if r is None:
-                    continue
-                key = (r["model"], r["layer"], r["unit"])
-                if key not in best:  # labels arrive best first
-                    best[key] = (float(sim), r)
-            if len(best) >= k or n >= total:
+            )}
+            fetched = [(text_of[i], s) for i, s in zip(ids.tolist(), sims.tolist()) if i in text_of]
+            text_sim = text_similarities([t for t, _ in fetched], [s for _, s in fetched])
+            carriers = self._carriers(list(text_sim), where, params)
+            top = rank_neurons(text_sim, [c[:3] for c in carriers], k)
+            last = float(sims[-1]) if len(sims) else float("-inf")
+            if ranking_complete(top, k, last, n >= total):
                 break
             n = min(total, n * 2)
-        top = list(best.items())[:k]
-        return self._hits(top)
+        matched: dict[tuple[tuple[str, str, int], str], tuple[int, dict[str, Any]]] = {}
+        for key, rank, text, row in carriers:  # the neuron's label that gave its score
+            if (key, text) not in matched or rank < matched[key, text][0]:
+                matched[key, text] = (rank, row)
+        return self._hits([(r.key, (r.similarity, matched[r.key, r.text][1])) for r in top])
+
+    def _carriers(self, texts: list[str], where: str, params: list[object]
+                  ) -> list[tuple[tuple[str, str, int], int, str, dict[str, Any]]]:
+        """``(key, rank, text, row)`` of every qualifying label whose text is one of
+        ``texts`` (``row``: its text and fidelity, for the hit)."""
+        if not texts:
+            return []
+        rows = self.sql(
+            "SELECT l.model, l.layer, l.unit, l.rank, l.text, l.fidelity_correlation, l.fidelity_auprc "
+            "FROM labels l "
+            "JOIN neurons n ON n.model = l.model AND n.layer = l.layer AND n.unit = l.unit "
+            f"WHERE l.text IN (SELECT unnest(?::VARCHAR[])) AND {where}",
+            [texts, *params],
+        )
+        return [((r["model"], r["layer"], int(r["unit"])), int(r["rank"]), r["text"], r) for r in rows]
 
     def _hits(self, top: list[tuple[tuple[str, str, int], tuple[float, dict[str, Any]]]]) -> list[SearchHit]:
         if not top:

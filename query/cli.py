@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -232,9 +233,16 @@ def all_commands() -> list[Command]:
     return sorted(commands, key=lambda c: (c.order, c.name))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (like every other error)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every command (:func:`all_commands`)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG, description="Build, search, evaluate and publish Describe-and-Dissect neuron atlases.")
     parser.add_argument(
         "--log-level", default="WARNING", type=str.upper,
@@ -277,6 +285,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `dnd-atlas search ... | head`
         sys.stderr.close()
         return 0
+    except (OSError, RuntimeError, *_db_errors()) as exc:  # the files of a hostile world: one line
+        return _environment_error(exc, args.command)
+
+
+def _db_errors() -> tuple[type[BaseException], ...]:
+    """DuckDB's and SQLite's (the content cache) error classes, imported
+    only when an error is on its way out."""
+    import sqlite3
+
+    import duckdb
+
+    return (duckdb.Error, sqlite3.Error)
+
+
+def _environment_error(exc: BaseException, command: str) -> int:
+    """An OSError or a database error no library code translated (a full disk,
+    a read-only or damaged file), or DuckDB's report of a Ctrl-C: one line.
+    Anything else (a RuntimeError, an SQLite error other than a full disk)
+    is a bug and keeps its traceback."""
+    import duckdb
+
+    from query.dberrors import db_error, disk_full, is_disk_full, is_interrupt
+
+    if is_interrupt(exc):
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if is_disk_full(exc):
+        message = str(disk_full(getattr(exc, "filename", None) or "the output"))
+    elif isinstance(exc, OSError):
+        where = f": {exc.filename}" if exc.filename else ""
+        message = f"{command}: {exc.strerror or type(exc).__name__}{where}"
+    elif isinstance(exc, duckdb.Error):
+        message = str(db_error(exc, "the atlas database"))
+    else:
+        raise exc
+    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+    return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -19,3 +19,15 @@ class QueryError(AtlasError):
 
 class MergeError(AtlasError):
     """Shard atlases cannot be merged: other settings, conflicting neurons, a bad output folder."""
+
+
+class AtlasDamaged(AtlasError):
+    """The atlas database is truncated, corrupt or not a DuckDB file at all."""
+
+
+class AtlasWriteError(AtlasError):
+    """The atlas cannot be written: its folder is a file, read-only, or locked."""
+
+
+class DiskFullError(AtlasWriteError):
+    """A write failed for lack of space; what was committed before is intact."""

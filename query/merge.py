@@ -5,7 +5,8 @@ GPU, SLURM array task or Ray task); each shard is a complete atlas of its
 share of the neurons. :func:`merge_atlases` checks that the shards were built
 with the same settings, copies their rows in bulk into a new atlas (DuckDB
 ``ATTACH ... (READ_ONLY)`` then ``INSERT ... SELECT``), copies their
-content-addressed images and rebuilds the FAISS index. Label ids are stable
+content-addressed images and the ONNX embedder a shard carries, and rebuilds
+the FAISS index. Label ids are stable
 hashes of (model, layer, unit, rank), so merged ids never collide and equal
 those of a single-process build.
 """
@@ -23,8 +24,9 @@ from typing import Any
 
 import duckdb
 
-from query.errors import MergeError
+from query.errors import FormatVersionError, MergeError
 from query.index import build_index
+from query.onnx_embedder import ATLAS_EMBEDDER_DIR, ATLAS_META_KEY, EmbedderError, carried_meta, read_manifest
 from query.schema import DB_FILE, FORMAT_VERSION, IMAGES_DIR, current_version, migrate
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,7 @@ log = logging.getLogger(__name__)
 # Meta keys that must be equal in every shard (besides build_fingerprint, compared model by model).
 _SAME_META = ("labeler", "embedder", "embedder_dim", "concept_set")
 # Meta keys the merged atlas computes itself.
-_OWN_META = ("format_version", "index_count", "shard", "merged_from")
+_OWN_META = ("format_version", "index_count", "shard", "merged_from", ATLAS_META_KEY)
 _NEURON_KEY = "model, layer, unit"
 # Per-neuron tables compared when two shards hold the same neuron (floats rounded).
 _COMPARED = {
@@ -125,6 +127,10 @@ def merge_atlases(out: str | os.PathLike[str], shards: list[str | os.PathLike[st
             summary.labels = con.execute("SELECT count(*) FROM labels").fetchone()[0]
             summary.missing = _missing(con, meta.get("build_fingerprint") or {})
             build_index(tmp, con=con)
+            carried = _copy_embedder(paths, str(meta.get("embedder") or ""), tmp)
+            if carried:
+                con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                            [ATLAS_META_KEY, json.dumps(carried, sort_keys=True)])
             con.execute("CHECKPOINT")
         finally:
             con.close()
@@ -325,6 +331,23 @@ def _copy_images(src: Path, dst: Path) -> int:
                 shutil.copy2(Path(root) / name, target)
             n += 1
     return n
+
+
+def _copy_embedder(shards: list[Path], name: str, out: Path) -> dict[str, Any]:
+    """Copy the ONNX embedder of the first shard that carries an intact one of
+    embedder ``name`` into ``out``; returns its meta entry ({} when none does)."""
+    for shard in shards:
+        src = shard / ATLAS_EMBEDDER_DIR
+        try:
+            if read_manifest(src, verify=True).name != name:
+                continue
+        except (EmbedderError, FormatVersionError):  # none, broken or newer: another shard may do
+            continue
+        _copy_images(src, out / ATLAS_EMBEDDER_DIR)  # the same hard-link-or-copy of every file
+        return carried_meta(out / ATLAS_EMBEDDER_DIR)
+    log.warning("no shard carries an ONNX embedder of %r: searching the merged atlas needs torch "
+                "(dnd-atlas export-embedder adds one)", name)
+    return {}
 
 
 def _sql_str(path: Path) -> str:

@@ -18,12 +18,16 @@ written by :func:`builder.embedder_export.export_embedder`:
 sentence-transformers output to a cosine of 1 - 1e-6 (fp32 export). This
 module imports neither torch, transformers nor sentence-transformers, even
 indirectly: onnxruntime and tokenizers only, imported when a folder is loaded.
+:func:`query_embedder` picks what embeds an atlas's queries: its ONNX
+embedder, or (for atlases built before it) sentence-transformers, loaded
+only then.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -46,6 +50,8 @@ MANIFEST_FILE = "embedder.json"
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 ATLAS_EMBEDDER_DIR = "embedder"  # the folder's name inside an atlas
+ATLAS_META_KEY = "embedder_onnx"  # the atlas meta entry describing that folder (carried_meta)
+BUILD_EXTRA = "pip install 'dnd-atlas[build]'"
 POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len_tokens")
 SMALL_BATCH = 64  # up to this many texts run on one thread (see threads_for)
 TOKEN_BUDGET = 4096  # tokens per onnxruntime call, padding included (BATCH_SIZE texts at most)
@@ -55,6 +61,10 @@ _ENCODING_FIELD = {"input_ids": "ids", "attention_mask": "attention_mask", "toke
 
 class EmbedderError(AtlasError):
     """An ONNX embedder folder is missing, incomplete or corrupt."""
+
+
+class EmbedderUnavailable(AtlasError):
+    """No embedder can embed an atlas's queries on this machine (no ONNX embedder, no torch stack)."""
 
 
 @dataclass(frozen=True)
@@ -334,3 +344,62 @@ def atlas_embedder(atlas_dir: str | os.PathLike[str]) -> OnnxEmbedder | None:
     if not (folder / MANIFEST_FILE).is_file():
         return None
     return get_onnx_embedder(folder)
+
+
+def carried_meta(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """The atlas meta entry (:data:`ATLAS_META_KEY`) for the embedder folder an atlas carries.
+
+    What ``dnd-atlas info`` shows: the folder (relative to the atlas), the
+    embedder's name and dimension, its quantization, the model file's sha256
+    and the folder's size in bytes.
+    """
+    m = read_manifest(folder)
+    model = next((f for f in m.files if f.path == m.model_file), None)
+    return {
+        "path": ATLAS_EMBEDDER_DIR, "name": m.name, "dim": m.dim, "quantization": m.quantization,
+        "model_sha256": model.sha256 if model else "", "bytes": sum(f.size for f in m.files),
+        "format_version": m.version,
+    }
+
+
+def query_embedder(atlas_dir: str | os.PathLike[str], name: str) -> Any:
+    """The embedder that embeds search queries for the atlas at ``atlas_dir``, whose meta names ``name``.
+
+    The atlas's own ONNX embedder (``ATLAS/embedder/``, no torch) when it
+    carries one exported from ``name``; else ``name`` loaded with
+    sentence-transformers (:func:`query.embedder.get_embedder`), the way
+    atlases built before the ONNX embedder are read. Raises
+    :class:`EmbedderUnavailable` (one line, what to install or run) when the
+    atlas has no ONNX embedder and sentence-transformers cannot load here, and
+    :class:`EmbedderError` for a corrupt embedder folder.
+    """
+    folder = Path(atlas_dir) / ATLAS_EMBEDDER_DIR
+    if (folder / MANIFEST_FILE).is_file():
+        found = read_manifest(folder).name
+        if found == name:
+            return get_onnx_embedder(folder)
+        log.warning("%s was exported from embedder %r, but the atlas's labels were embedded with %r; "
+                    "ignoring it", folder, found, name)
+    why = _sentence_transformers_missing()
+    if why is None:
+        from query.embedder import get_embedder
+
+        try:
+            return get_embedder(name)
+        except ImportError as exc:  # sentence-transformers is there but torch (or another dependency) is not
+            why = f"the Python package {exc.name or 'torch'!r} is not installed"
+    raise EmbedderUnavailable(
+        f"the atlas {atlas_dir} has no ONNX embedder and {why}: add one with "
+        f"`dnd-atlas export-embedder {atlas_dir}` where dnd-atlas[build] is installed, or {BUILD_EXTRA} here"
+    )
+
+
+def _sentence_transformers_missing() -> str | None:
+    """Why the sentence-transformers path cannot load here, or ``None`` when it may."""
+    for module in ("sentence_transformers", "torch"):
+        try:
+            if importlib.util.find_spec(module) is None:
+                return f"{module.replace('_', '-')} is not installed"
+        except (ImportError, ValueError):  # a blocked or broken import machinery counts as missing
+            return f"{module.replace('_', '-')} is not installed"
+    return None

@@ -121,19 +121,20 @@ class _Readers:
         return atlas
 
     def embedder(self):
-        """The atlas's search embedder, loaded once (torch and sentence-transformers).
+        """The atlas's search embedder, loaded once: its ONNX embedder when it
+        carries one, else sentence-transformers (``query_embedder``).
 
         Raises :class:`SearchUnavailable` when it cannot be loaded here (no
-        torch, the embedder package not installed): the rest of the API works
-        without it.
+        ONNX embedder and no torch, the embedder package not installed): the
+        rest of the API works without it.
         """
-        from query.embedder import get_embedder
+        from query.onnx_embedder import query_embedder
 
         name = self.main.meta.get("embedder")
         if not name:
             raise SearchUnavailable("the atlas meta has no 'embedder'; rebuild the atlas")
         try:
-            return get_embedder(str(name))
+            return query_embedder(self.path, str(name))
         except (ImportError, AtlasError) as exc:
             raise SearchUnavailable(
                 f"search is not available on this server: {_one_line(exc)}") from None

@@ -9,14 +9,16 @@ flight and a rerun is idempotent.
 from __future__ import annotations
 
 import json
+import logging
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import numpy as np
 
+from query.dberrors import connect_writable, deferred_interrupt
 from query.errors import AtlasError
 from query.index import insert_label_vectors
 from query.schema import DB_FILE, IMAGES_DIR, label_id, migrate
@@ -79,6 +81,8 @@ class NeuronResult:
     dropped_crops: int | None = None  # crops that were not evidence: too small, or over the per-image cap
 
 
+log = logging.getLogger(__name__)
+
 _NEURON_TABLES = ("neurons", "labels", "candidates", "evidence", "call_counts")
 
 
@@ -87,13 +91,13 @@ class AtlasWriter:
 
     def __init__(self, atlas_dir: str | Path) -> None:
         self.dir = Path(atlas_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / IMAGES_DIR).mkdir(exist_ok=True)
+        # one-line errors and Ctrl-C held during every statement (query.dberrors)
+        self.con = connect_writable(self.dir, self.dir / DB_FILE, self.dir / IMAGES_DIR)
         try:
-            self.con = duckdb.connect(str(self.dir / DB_FILE))
-        except duckdb.Error as exc:
-            raise AtlasError(f"cannot open {self.dir / DB_FILE} for writing: {exc}") from exc
-        migrate(self.con)
+            migrate(self.con)
+        except BaseException:
+            self.con.close()
+            raise
 
     # -- meta, models, layers ------------------------------------------------
     def meta(self) -> dict[str, Any]:
@@ -125,10 +129,24 @@ class AtlasWriter:
 
         self._tx(work)
 
-    def done_units(self, model: str) -> set[tuple[str, int]]:
-        """(layer, unit) of every neuron already written for ``model``."""
-        rows = self.con.execute("SELECT layer, unit FROM neurons WHERE model = ?", [model]).fetchall()
-        return {(layer, int(unit)) for layer, unit in rows}
+    def done_units(self, model: str, include_failed: bool = False) -> set[tuple[str, int]]:
+        """(layer, unit) of every neuron of ``model`` a resume skips: those
+        written ``ok`` or ``dead``, and the ``failed`` ones only when
+        ``include_failed``. A failed neuron is redone by the next build; its
+        row (and reason) stays until the new result replaces it."""
+        sql = "SELECT layer, unit FROM neurons WHERE model = ?"
+        if not include_failed:
+            sql += " AND status <> 'failed'"
+        return {(layer, int(unit)) for layer, unit in self.con.execute(sql, [model]).fetchall()}
+
+    def failed_units(self, model: str) -> dict[tuple[str, int], str]:
+        """The reason of every neuron of ``model`` written as ``failed``, by
+        (layer, unit), in (layer, unit) order so a report listing them is stable."""
+        rows = self.con.execute(
+            "SELECT layer, unit, reason FROM neurons WHERE model = ? AND status = 'failed' ORDER BY layer, unit",
+            [model]
+        ).fetchall()
+        return {(layer, int(unit)): reason or "" for layer, unit, reason in rows}
 
     def set_stage_time(self, model: str, stage: str, seconds: float) -> None:
         self._tx(lambda: self.con.execute(
@@ -230,22 +248,65 @@ class AtlasWriter:
     def _insert_vectors(self, ids: list[int], vectors: np.ndarray) -> None:
         insert_label_vectors(self.con, ids, vectors)
 
+    # -- what a failed earlier build left (builder.pipeline.resume) ---------------
+    def models_with_neurons(self) -> set[str]:
+        """The models that have at least one neuron row (ok, dead or failed)."""
+        return {m for (m,) in self.con.execute("SELECT DISTINCT model FROM neurons").fetchall()}
+
+    def model_names(self) -> set[str]:
+        """Every model with a row in ``models``, written or not."""
+        return {m for (m,) in self.con.execute("SELECT model FROM models").fetchall()}
+
+    def forget_models(self, models: Sequence[str]) -> None:
+        """Delete the model, layer, stage-time and layer-fidelity rows of
+        ``models``, which have no neuron row (one transaction)."""
+
+        def work() -> None:
+            for table in ("models", "layers", "stage_times", "layer_fidelity"):
+                self.con.execute(f"DELETE FROM {table} WHERE model IN (SELECT unnest(?))", [list(models)])
+
+        if models:
+            self._tx(work)
+
+    def delete_meta(self, keep: Sequence[str] = ("format_version",)) -> None:
+        """Delete every meta entry but ``keep`` (an atlas no build has written into)."""
+        self._tx(lambda: self.con.execute("DELETE FROM meta WHERE NOT list_contains(?, key)", [list(keep)]))
+
     # -- plumbing --------------------------------------------------------------
     def _tx(self, work) -> None:
-        self.con.execute("BEGIN TRANSACTION")
+        """``work()`` in one transaction, committed or rolled back whole: a
+        Ctrl-C is held until it is over, then raised (query.dberrors)."""
+        with deferred_interrupt():
+            self.con.execute("BEGIN TRANSACTION")
+            try:
+                work()
+                self.con.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+
+    def _rollback(self) -> None:
         try:
-            work()
-            self.con.execute("COMMIT")
-        except BaseException:
             self.con.execute("ROLLBACK")
-            raise
+        except AtlasError as exc:  # e.g. the failed COMMIT ended the transaction already
+            log.debug("rollback after a failed write: %s", exc)
 
     def checkpoint(self) -> None:
         self.con.execute("CHECKPOINT")
 
     def close(self) -> None:
+        """Checkpoint and close. The connection is closed even when the
+        checkpoint fails (a full disk): the write-ahead log keeps every
+        committed neuron for the next open. Closing while another error is
+        on its way out (``finally``), a failed checkpoint is only logged, so
+        that error is the one reported."""
+        pending = sys.exc_info()[1]
         try:
             self.con.execute("CHECKPOINT")
+        except AtlasError as exc:
+            if pending is None:
+                raise
+            log.info("atlas checkpoint failed while stopping on an error: %s", exc)
         finally:
             self.con.close()
 

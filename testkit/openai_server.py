@@ -3,8 +3,11 @@
 It serves ``POST /v1/chat/completions`` and ``GET /v1/models`` from a thread
 (stdlib ``http.server``) on a free loopback port. Tests script what it does,
 request by request: reply with a text, fail with a status (optionally with a
-``retry-after-ms`` header so the client's backoff stays short), send a body
-that is not JSON, or hang past the client's timeout. It records every request
+``retry-after-ms`` header so the client's backoff stays short, or a
+``Retry-After``), send a body that is not JSON (any status, headers, with or
+without a Content-Length), hang past the client's timeout, trickle an answer
+one byte at a time, or reset the connection. Every behaviour is bounded in
+time, so a test can never hang on the server. It records every request
 (path, headers, JSON body) and the most requests it ever had in flight, so
 tests can assert on prompts, model names, retries and concurrency.
 
@@ -17,6 +20,8 @@ tests can assert on prompts, model names, retries and concurrency.
 from __future__ import annotations
 
 import json
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -39,19 +44,26 @@ class Reply:
 
 @dataclass(frozen=True)
 class Status:
-    """Answer with an HTTP error status and an OpenAI-style error body."""
+    """Answer with an HTTP error status and an OpenAI-style error body;
+    ``retry_after`` is sent as the ``Retry-After`` header when set."""
 
     code: int
     message: str = "scripted error"
     retry_after_ms: int | None = 5
+    retry_after: str | None = None
 
 
 @dataclass(frozen=True)
 class RawBody:
-    """Answer 200 with a body that is not a chat completion (e.g. not JSON)."""
+    """Answer ``code`` with a body that is not a chat completion (e.g. not
+    JSON), extra ``headers``, and no Content-Length when ``content_length``
+    is false (the body then ends when the connection closes)."""
 
     body: bytes = b"<html>certainly not json"
     content_type: str = "text/html"
+    code: int = 200
+    headers: tuple[tuple[str, str], ...] = ()
+    content_length: bool = True
 
 
 @dataclass(frozen=True)
@@ -61,7 +73,23 @@ class Hang:
     seconds: float = 5.0
 
 
-Behaviour = Reply | Status | RawBody | Hang
+@dataclass(frozen=True)
+class Drip:
+    """Answer 200 with a chat completion of ``text`` whose headers go at once
+    and whose body goes one byte every ``interval`` seconds (each byte comes
+    well within a read timeout), for at most ``max_seconds``, then close."""
+
+    text: str = '["red circles"]'
+    interval: float = 1.0
+    max_seconds: float = 20.0
+
+
+@dataclass(frozen=True)
+class Reset:
+    """Read the request, then reset the connection (TCP RST) without answering."""
+
+
+Behaviour = Reply | Status | RawBody | Hang | Drip | Reset
 
 
 @dataclass
@@ -90,6 +118,14 @@ class Recorded:
             elif isinstance(c, list):
                 out.extend(p.get("text", "") for p in c if isinstance(p, dict))
         return "\n".join(out)
+
+
+class _Server(ThreadingHTTPServer):
+    # socketserver listens with a backlog of 5: a client opening more
+    # connections at once than the accept loop takes (many neurons
+    # concurrently, on a busy machine) gets some of them reset, which a test
+    # would read as the scripted server's doing
+    request_queue_size = 128
 
 
 class ScriptedServer:
@@ -152,7 +188,7 @@ class ScriptedServer:
         class Handler(_Handler):
             owner = server
 
-        self._httpd = ThreadingHTTPServer((HOST, 0), Handler)  # port 0: a free port
+        self._httpd = _Server((HOST, 0), Handler)  # port 0: a free port
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, args=(0.05,), name="scripted-openai", daemon=True
@@ -211,10 +247,15 @@ class _Handler(BaseHTTPRequestHandler):
         body: bytes,
         content_type: str = "application/json",
         headers: dict[str, str] | None = None,
+        content_length: bool = True,
     ) -> None:
         self.send_response(code)
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
+        if content_length:
+            self.send_header("Content-Length", str(len(body)))
+        else:  # the body ends when the connection closes
+            self.send_header("Connection", "close")
+            self.close_connection = True
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
@@ -261,8 +302,8 @@ class _Handler(BaseHTTPRequestHandler):
             srv.max_in_flight = max(srv.max_in_flight, srv.in_flight)
         try:
             self._behave(srv._next(rec), rec)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up (timeout): expected for Hang
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            pass  # the client gave up (timeout, a cap) or Reset closed the socket: expected
         finally:
             rec.ended = time.monotonic()
             with srv._lock:
@@ -276,15 +317,37 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(200, chat_completion(b.text, model, b.prompt_tokens, b.completion_tokens))
         elif isinstance(b, Status):
             headers = {} if b.retry_after_ms is None else {"retry-after-ms": str(b.retry_after_ms)}
+            if b.retry_after is not None:
+                headers["Retry-After"] = b.retry_after
             err = {"error": {"message": b.message, "type": "scripted", "code": str(b.code)}}
             self._json(b.code, err, headers)
         elif isinstance(b, RawBody):
-            self._send(200, b.body, b.content_type)
+            self._send(b.code, b.body, b.content_type, dict(b.headers), b.content_length)
         elif isinstance(b, Hang):
             self.owner._stopping.wait(b.seconds)
             self.close_connection = True
+        elif isinstance(b, Drip):
+            self._drip(b, json.dumps(chat_completion(b.text, model)).encode())
+        elif isinstance(b, Reset):
+            # SO_LINGER on with a zero timeout: close() sends RST instead of FIN
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+            self.close_connection = True
         else:  # pragma: no cover - a test scripted something unknown
             raise TypeError(f"unknown behaviour {b!r}")
+
+    def _drip(self, b: Drip, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.flush()
+        end = time.monotonic() + b.max_seconds
+        for i in range(len(body)):  # bounded by the body's length and by max_seconds
+            if time.monotonic() >= end or self.owner._stopping.wait(b.interval):
+                break
+            self.wfile.write(body[i : i + 1])
+        self.close_connection = True
 
 
 def _lower(headers: Any) -> dict[str, str]:

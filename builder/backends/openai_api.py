@@ -2,16 +2,20 @@
 
 Both talk to any OpenAI-compatible endpoint (OpenAI itself, vLLM, Ollama,
 llama.cpp's server, ``transformers serve``) through the official ``openai``
-client, which owns retries with exponential backoff on 408/409/429/5xx,
-connection errors and timeouts. Requests for many neurons (or images) run
-concurrently on one ``AsyncOpenAI`` client, bounded by a semaphore.
+client. Each request runs under a total deadline with its own retries
+(``openai_requests``: ``timeout`` is the whole request's budget, retries and
+waits included; Retry-After is honoured only when it fits; bodies and
+answers are length-capped before anything parses or caches them). Requests
+for many neurons (or images) run concurrently on one ``AsyncOpenAI`` client,
+bounded by a semaphore.
 
 The summarizer asks for N candidates in one request, as a JSON list, checks
-the answer (1-5 words each, not a copied caption, distinct after
-normalization) and re-asks once with a short correction when the answer is
-unusable. A neuron whose answer stays unusable, or whose request fails after
-the client's retries, gets an ``Exception`` with a one-line reason in
-``summarize_many``'s result; the builder records it as failed and goes on.
+the answer (1-5 words and at most 80 characters each, not a copied caption,
+distinct after normalization) and re-asks once with a short correction when
+the answer is unusable. A neuron whose answer stays unusable, or whose
+request fails, gets a ``BackendError`` with a one-line reason in
+``summarize_many``'s result; the builder records it as failed and goes on,
+and a later build (a resume) asks again.
 
 Secrets come only from options or the environment (``OPENAI_API_KEY``,
 ``OPENAI_BASE_URL``). Local servers ignore the key, so when a ``base_url``
@@ -36,6 +40,7 @@ from typing import Any, TypeVar
 
 from builder.backends.extractive import normalize_concept
 from builder.backends.interfaces import Captioner, CaptionItem, Summarizer
+from builder.backends.openai_requests import Answer, Limits, chat, excerpt, make_client
 from builder.data_files import data_path
 from builder.errors import BackendError
 
@@ -48,13 +53,18 @@ T = TypeVar("T")
 PLACEHOLDER_API_KEY = "not-needed"
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
 MAX_CONCEPT_WORDS = 5
+MAX_CONCEPT_CHARS = 80  # a 1-5 word concept; a 20 MB "word" is not one
+# The longest answer text accepted (option max_answer_chars): a JSON list of
+# N short concepts is a few hundred characters; anything this long is
+# refused before it is parsed or cached.
+DEFAULT_MAX_ANSWER_CHARS = 20_000
+DEFAULT_MAX_CAPTION_CHARS = 1_000
 # Bump when the parsing/validation rules change what is accepted: it is part
 # of config_key(), so cached answers produced under older rules are not reused.
-SUMMARIZER_VERSION = 1
-# Status codes the openai client retries by itself (see its _should_retry).
-_RETRIED_STATUS = {408, 409, 429}
-
-
+# 2: items over MAX_CONCEPT_CHARS are dropped; answers over the length limit refused.
+SUMMARIZER_VERSION = 2
+# where _json_lists looks for an embedded JSON value: the first this many brackets
+_MAX_JSON_STARTS = 256
 
 # requests and tokens of the neuron whose request is in flight (see _many)
 _ITEM_USAGE: contextvars.ContextVar[dict[str, int] | None] = contextvars.ContextVar("_ITEM_USAGE", default=None)
@@ -98,10 +108,12 @@ def _json_lists(text: str) -> list[Any]:
     """Every JSON value that starts at a '[' or '{' in ``text`` and decodes."""
     dec = json.JSONDecoder()
     found = []
-    for m in re.finditer(r"[\[{]", text):
+    for i, m in enumerate(re.finditer(r"[\[{]", text)):
+        if i >= _MAX_JSON_STARTS:
+            break
         try:
             value, _ = dec.raw_decode(text, m.start())
-        except ValueError:
+        except (ValueError, RecursionError):  # deeply nested brackets overflow the decoder
             continue
         found.append(value)
     return found
@@ -129,7 +141,7 @@ def parse_candidate_list(text: str) -> list[str] | None:
     for chunk in chunks:
         try:
             got = _as_strings(json.loads(chunk))
-        except ValueError:
+        except (ValueError, RecursionError):
             got = None
         if got:
             return got
@@ -147,16 +159,20 @@ def parse_candidate_list(text: str) -> list[str] | None:
 def validate_candidates(items: Sequence[str], captions: Sequence[str], n: int) -> list[str]:
     """Normalized, distinct candidates of 1-5 words, at most ``n``, best first.
 
-    Items that are too long, empty, or a copy of a whole caption (of 3+ words:
-    a 1-2 word caption already is a concept) are dropped; raises
+    Items that are too long (over 5 words or ``MAX_CONCEPT_CHARS``
+    characters), empty, or a copy of a whole caption (of 3+ words: a 1-2
+    word caption already is a concept) are dropped; raises
     ``LLMAnswerError`` when none is left."""
     echoes = {c for c in (normalize_concept(x) for x in captions) if len(c.split()) >= 3}
     out: list[str] = []
     dropped: list[str] = []
     for raw in items:
+        if len(raw) > 4 * MAX_CONCEPT_CHARS:  # not worth normalizing
+            dropped.append(raw)
+            continue
         c = normalize_concept(raw)
         words = c.split()
-        if not words or len(words) > MAX_CONCEPT_WORDS or c in echoes:
+        if not words or len(words) > MAX_CONCEPT_WORDS or len(c) > MAX_CONCEPT_CHARS or c in echoes:
             dropped.append(raw)
             continue
         if c not in out:
@@ -164,7 +180,8 @@ def validate_candidates(items: Sequence[str], captions: Sequence[str], n: int) -
     if not out:
         shown = "; ".join(repr(_short(d, 40)) for d in dropped[:3])
         raise LLMAnswerError(
-            f"no item was a 1-{MAX_CONCEPT_WORDS} word concept that is not a copied caption ({shown})"
+            f"no item was a 1-{MAX_CONCEPT_WORDS} word concept of at most {MAX_CONCEPT_CHARS} "
+            f"characters that is not a copied caption ({shown})"
         )
     if dropped:
         log.debug("dropped %d unusable candidates: %r", len(dropped), dropped)
@@ -172,7 +189,7 @@ def validate_candidates(items: Sequence[str], captions: Sequence[str], n: int) -
 
 
 def _short(text: str, limit: int = 80) -> str:
-    one = " ".join(str(text).split())
+    one = " ".join(str(text)[: 4 * limit].split())
     return one if len(one) <= limit else one[: limit - 3] + "..."
 
 
@@ -203,35 +220,6 @@ def _run(make_coro: Callable[[], Awaitable[T]]) -> T:
         return pool.submit(lambda: asyncio.run(make_coro())).result()  # type: ignore[arg-type]
 
 
-def describe_request_error(exc: Exception, max_retries: int, timeout: float) -> str:
-    """One line saying why a request failed, retries included."""
-    import openai
-
-    if isinstance(exc, openai.APITimeoutError):
-        return f"LLM request failed: no answer within {timeout:g} s, after {max_retries} retries"
-    if isinstance(exc, openai.APIConnectionError):
-        return f"LLM request failed: cannot connect ({_short(exc)}), after {max_retries} retries"
-    if isinstance(exc, openai.APIStatusError):
-        code = exc.status_code
-        retried = code in _RETRIED_STATUS or code >= 500
-        how = f"after {max_retries} retries" if retried else "not retried"
-        return f"LLM request failed: HTTP {code} {how}: {_short(_server_message(exc), 120)}"
-    return f"LLM request failed: {type(exc).__name__}: {_short(exc)}"
-
-
-def _server_message(exc: Any) -> str:
-    """The server's own error message when its body has one (OpenAI, vLLM and
-    Ollama send ``{"error": {"message": ...}}``), else the client's text."""
-    body = getattr(exc, "body", None)
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
-            return inner["message"]
-        if isinstance(inner, str):
-            return inner
-    return str(getattr(exc, "message", exc))
-
-
 def _check_tokens_param(name: str) -> str:
     """Which request field carries the token limit: OpenAI's reasoning models
     refuse ``max_tokens`` and want ``max_completion_tokens``; local servers
@@ -242,7 +230,7 @@ def _check_tokens_param(name: str) -> str:
 
 
 class _OpenAIBackend:
-    """Options and the client factory shared by both backends."""
+    """Options, limits and the client factory shared by both backends."""
 
     backend_name = "openai"
 
@@ -254,6 +242,9 @@ class _OpenAIBackend:
         timeout: float,
         max_retries: int,
         concurrency: int,
+        attempt_timeout: float | None,
+        max_answer_chars: int,
+        chars_option: str = "max_answer_chars",
     ) -> None:
         if not model:
             raise BackendError(
@@ -268,58 +259,53 @@ class _OpenAIBackend:
                 self.backend_name,
             )
         self.base_url, self._api_key = _resolve_endpoint(base_url, api_key, self.backend_name)
-        self.timeout = float(timeout)
-        self.max_retries = int(max_retries)
+        try:
+            per_attempt = None if attempt_timeout is None else float(attempt_timeout)
+            self.limits = Limits(float(timeout), int(max_retries), int(max_answer_chars), per_attempt,
+                                 chars_option)
+        except BackendError as exc:
+            raise BackendError(f"{self.backend_name}: {exc}") from None
+        self.timeout, self.max_retries = self.limits.timeout, self.limits.max_retries
         self.concurrency = int(concurrency)
-        if self.timeout <= 0 or self.max_retries < 0 or self.concurrency < 1:
-            raise BackendError(
-                f"{self.backend_name}: timeout must be > 0, max_retries >= 0 and concurrency >= 1"
-            )
+        if self.concurrency < 1:
+            raise BackendError(f"{self.backend_name}: concurrency must be >= 1")
         self.usage = {
-            "requests": 0,
+            "requests": 0,  # HTTP requests sent, retries included
+            "retries": 0,
             "prompt_tokens": 0,
             "completion_tokens": 0,
-            "failed_requests": 0,
+            "failed_requests": 0,  # requests that failed for good (after their retries)
         }
 
     def _client(self) -> Any:
-        import openai
+        return make_client(self._api_key, self.base_url, self.limits)
 
-        return openai.AsyncOpenAI(
-            api_key=self._api_key,
-            base_url=self.base_url,
-            timeout=self.timeout,
-            max_retries=self.max_retries,
-        )
-
-    def _count(self, response: Any) -> None:
+    def _sent(self, retry: int) -> None:
+        """Count one HTTP request sent (``retry``: 0 for a request's first attempt)."""
         self.usage["requests"] += 1
+        self.usage["retries"] += retry > 0
         item = _ITEM_USAGE.get()
         if item is not None:
             item["requests"] += 1
-        u = getattr(response, "usage", None)
-        if u is not None:
-            prompt = int(getattr(u, "prompt_tokens", 0) or 0)
-            completion = int(getattr(u, "completion_tokens", 0) or 0)
-            self.usage["prompt_tokens"] += prompt
-            self.usage["completion_tokens"] += completion
-            if item is not None:
-                item["tokens"] += prompt + completion
+
+    def _count(self, answer: Answer) -> None:
+        self.usage["prompt_tokens"] += answer.prompt_tokens
+        self.usage["completion_tokens"] += answer.completion_tokens
+        item = _ITEM_USAGE.get()
+        if item is not None:
+            item["tokens"] += answer.prompt_tokens + answer.completion_tokens
 
     async def _chat(self, client: Any, messages: list[dict[str, Any]], **params: Any) -> str:
-        """One chat completion (the client retries); the answer text."""
+        """One chat completion under the deadline, with retries; the answer
+        text (at most ``max_answer_chars``). Raises ``LLMRequestError``."""
         try:
-            response = await client.chat.completions.create(
-                model=self.model, messages=messages, **params
-            )
+            answer = await chat(client, self.limits, self._sent, model=self.model, messages=messages,
+                                **params)
         except Exception:
             self.usage["failed_requests"] += 1
             raise
-        self._count(response)
-        choices = getattr(response, "choices", None) or []
-        if not choices:
-            return ""
-        return choices[0].message.content or ""
+        self._count(answer)
+        return answer.text
 
 
 # --------------------------------------------------------------------------- summarizer
@@ -331,10 +317,14 @@ class OpenAISummarizer(_OpenAIBackend, Summarizer):
     local servers when ``base_url`` is set), ``temperature`` (None omits it,
     for models that refuse it), ``max_tokens``, ``max_tokens_param``
     (``max_completion_tokens`` for OpenAI's reasoning models), ``timeout``
-    (seconds per attempt), ``max_retries`` (the client's own backoff),
-    ``concurrency`` (requests in flight), and the prompt files
-    ``system_prompt``, ``user_prompt`` (placeholders ``{captions}``, ``{n}``)
-    and ``retry_prompt`` (``{reason}``, ``{n}``)."""
+    (seconds for a whole request: every attempt and wait; the ask and the
+    re-ask are two requests), ``attempt_timeout`` (seconds per attempt, so a
+    hung attempt can be retried within ``timeout``; None: all that is left),
+    ``max_retries`` (retries sent after the first attempt on 408/409/429/5xx,
+    connection errors and cut attempts), ``max_answer_chars`` (longer answers
+    are refused unparsed), ``concurrency`` (requests in flight), and the
+    prompt files ``system_prompt``, ``user_prompt`` (placeholders
+    ``{captions}``, ``{n}``) and ``retry_prompt`` (``{reason}``, ``{n}``)."""
 
     name = "openai"
     backend_name = "openai summarizer"
@@ -353,8 +343,11 @@ class OpenAISummarizer(_OpenAIBackend, Summarizer):
         system_prompt: str = "summarize_system.txt",
         user_prompt: str = "summarize_user.txt",
         retry_prompt: str = "summarize_retry.txt",
+        attempt_timeout: float | None = None,
+        max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS,
     ) -> None:
-        self._setup(model, base_url, api_key, timeout, max_retries, concurrency)
+        self._setup(model, base_url, api_key, timeout, max_retries, concurrency, attempt_timeout,
+                    max_answer_chars)
         self.temperature = None if temperature is None else float(temperature)
         self.max_tokens = int(max_tokens)
         self.max_tokens_param = _check_tokens_param(max_tokens_param)
@@ -367,7 +360,8 @@ class OpenAISummarizer(_OpenAIBackend, Summarizer):
 
     def config_key(self) -> dict[str, Any]:
         """Model, endpoint, sampling parameters and the prompts' hashes; not
-        timeouts, retries or concurrency, which do not change answers."""
+        timeouts, retries, length limits or concurrency, which do not change
+        an answer that is accepted."""
         return {
             "name": self.name,
             "version": SUMMARIZER_VERSION,
@@ -400,16 +394,12 @@ class OpenAISummarizer(_OpenAIBackend, Summarizer):
         messages = self.messages(captions, n)
         reason = ""
         for attempt in range(2):  # the first ask and one re-ask
-            try:
-                text = await self._chat(client, messages, **self._params())
-            except Exception as exc:  # the client already retried
-                raise BackendError(
-                    describe_request_error(exc, self.max_retries, self.timeout)
-                ) from exc
+            # raises LLMRequestError (a BackendError) once its retries are spent
+            text = await self._chat(client, messages, **self._params())
             try:
                 items = parse_candidate_list(text)
                 if items is None:
-                    raise LLMAnswerError(f"no JSON or numbered list in {_short(text, 60)!r}")
+                    raise LLMAnswerError(f"no JSON or numbered list in the answer {excerpt(text)}")
                 return validate_candidates(items, captions, n)
             except LLMAnswerError as exc:
                 reason = str(exc)
@@ -442,6 +432,10 @@ class OpenAISummarizer(_OpenAIBackend, Summarizer):
                 except BackendError as exc:
                     self.usage["failed_neurons"] += 1
                     return exc
+                except Exception as exc:  # one neuron's surprise must not end the build
+                    self.usage["failed_neurons"] += 1
+                    log.debug("unexpected summarizer error", exc_info=True)
+                    return BackendError(f"unexpected error: {type(exc).__name__}: {_short(exc, 200)}")
 
         try:
             return list(await asyncio.gather(*(guarded(c, a) for c, a in zip(batches, per_item))))
@@ -454,8 +448,8 @@ class OpenAISummarizer(_OpenAIBackend, Summarizer):
     ) -> list[list[str] | Exception]:  # type: ignore[override]
         """One request per neuron, at most ``concurrency`` in flight. A
         neuron whose answer stays unusable after one re-ask, or whose request
-        fails after the client's retries, gets a ``BackendError`` with a
-        one-line reason instead of a list."""
+        fails for good (after its retries, or at its deadline), gets a
+        ``BackendError`` with a one-line reason instead of a list."""
         if not batches:
             return []
         return _run(lambda: self._many(batches, n))
@@ -482,9 +476,11 @@ class OpenAIVisionCaptioner(_OpenAIBackend, Captioner):
     Each image goes inline as a base64 PNG data URL with the prompt file
     ``prompt``. Options: ``model`` (required), ``base_url``, ``api_key``,
     ``max_tokens``, ``max_tokens_param``, ``temperature`` (None omits it), ``detail`` (OpenAI's
-    image detail: low/high/auto; None omits it), ``timeout``,
-    ``max_retries``, ``concurrency``. A request that fails after the
-    client's retries, or an empty caption, raises ``BackendError``."""
+    image detail: low/high/auto; None omits it), ``timeout`` (seconds per
+    request, retries and waits included), ``attempt_timeout``,
+    ``max_retries``, ``max_caption_chars`` (a longer caption is refused,
+    not cached), ``concurrency``. A request that fails for good, an empty
+    caption or one over the limit raises ``BackendError``."""
 
     name = "openai-vision"
     backend_name = "openai-vision captioner"
@@ -502,8 +498,11 @@ class OpenAIVisionCaptioner(_OpenAIBackend, Captioner):
         timeout: float = 60.0,
         max_retries: int = 4,
         concurrency: int = 8,
+        attempt_timeout: float | None = None,
+        max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS,
     ) -> None:
-        self._setup(model, base_url, api_key, timeout, max_retries, concurrency)
+        self._setup(model, base_url, api_key, timeout, max_retries, concurrency, attempt_timeout,
+                    max_caption_chars, "max_caption_chars")
         self.max_tokens = int(max_tokens)
         self.max_tokens_param = _check_tokens_param(max_tokens_param)
         self.temperature = None if temperature is None else float(temperature)
@@ -545,11 +544,8 @@ class OpenAIVisionCaptioner(_OpenAIBackend, Captioner):
             params["temperature"] = self.temperature
         try:
             text = await self._chat(client, self.messages(item), **params)
-        except Exception as exc:
-            raise BackendError(
-                f"captioning {item.source}: "
-                + describe_request_error(exc, self.max_retries, self.timeout)
-            ) from exc
+        except BackendError as exc:
+            raise BackendError(f"captioning {item.source}: {exc}") from None
         caption = " ".join(text.split()).strip(_QUOTES + " ")
         if not caption:
             raise BackendError(

@@ -14,9 +14,14 @@ from collections.abc import Callable
 from typing import Any
 
 from builder.backends.builtin import BUILTIN_BACKENDS
+from builder.backends.interfaces import Captioner, Generator, Similarity, Summarizer
 from builder.errors import BackendError
 
 _KINDS = ("target", "captioner", "summarizer", "generator", "similarity")
+# what each kind must be (targets are checked by builder.backends.targets.load_target)
+_INTERFACES: dict[str, type] = {
+    "captioner": Captioner, "summarizer": Summarizer, "generator": Generator, "similarity": Similarity,
+}
 
 
 class Registry:
@@ -64,12 +69,31 @@ class Registry:
         )
 
     def create(self, spec: str, **kwargs: Any) -> Any:
-        """Build the backend ``spec`` with keyword options from the config."""
+        """Build the backend ``spec`` with keyword options from the config;
+        refuses a factory that makes something other than this kind of backend."""
         factory = self.factory(spec)
         try:
-            return factory(**kwargs)
+            backend = factory(**kwargs)
         except TypeError as exc:
             raise BackendError(f"{self.kind} backend {spec!r}: bad options: {exc}") from exc
+        check_backend(self.kind, spec, backend)
+        return backend
+
+
+def check_backend(kind: str, spec: str, backend: Any) -> None:
+    """Raise BackendError unless ``backend`` implements the interface of
+    ``kind`` (a subclass, or an object with every method the stages call):
+    a spec naming some other callable fails here, not deep in a stage."""
+    interface = _INTERFACES.get(kind)
+    if interface is None or isinstance(backend, interface):
+        return
+    needed = ["name", *(n for n in dir(interface) if not n.startswith("_") and callable(getattr(interface, n)))]
+    missing = [n for n in needed if not hasattr(backend, n)]
+    if missing:
+        raise BackendError(
+            f"{kind} backend {spec!r} is not a {kind}: it made a {type(backend).__name__!r} value, which has "
+            f"no {missing[0]!r}; name a {interface.__module__}.{interface.__name__} or a factory returning one"
+        )
 
 
 def load_callable(path: str) -> Callable[..., Any]:
@@ -79,8 +103,8 @@ def load_callable(path: str) -> Callable[..., Any]:
         raise BackendError(f"{path!r} is not a module:callable path")
     try:
         obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise BackendError(f"cannot import {module_name!r} for {path!r}: {exc}") from exc
+    except Exception as exc:  # ImportError, or whatever the module raises (relative names: TypeError)
+        raise BackendError(f"cannot import {module_name!r} for {path!r}: {type(exc).__name__}: {exc}") from exc
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)

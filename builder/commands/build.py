@@ -113,11 +113,17 @@ def _print_examples(atlas: str) -> None:
 
 
 def _run(work, as_json: bool, out: str) -> int:
+    from query.dberrors import disk_full, is_disk_full, is_interrupt
+
     try:
         summary = work()
-    except KeyboardInterrupt:
-        print(f"dnd-atlas: interrupted; run the same command again to resume {out}", file=sys.stderr)
-        return 130
+    except BaseException as exc:
+        if is_interrupt(exc):  # Ctrl-C, or DuckDB's "Query interrupted" for one
+            print(f"dnd-atlas: interrupted; run the same command again to resume {out}", file=sys.stderr)
+            return 130
+        if is_disk_full(exc):  # an image, the content cache or the atlas: one line, data intact
+            raise disk_full(out) from exc
+        raise
     print(json.dumps(summary.to_dict(), indent=2) if as_json else summary.text())
     return 0
 

@@ -281,8 +281,9 @@ class LabelSpace:
     with one vector per label and embedder, so that any number of concepts
     are ranked with one matrix product.
 
-    The atlas's own embedder reuses the stored ``label_vectors``; any other
-    embedder of an ensemble embeds the distinct label texts once.
+    The atlas's own embedder reuses the stored ``label_vectors`` and embeds
+    concepts as search does (its ONNX embedder when the atlas carries one);
+    any other embedder of an ensemble embeds the distinct label texts once.
     """
 
     def __init__(self, atlas: Any, model: str | None, layer: str | None,
@@ -309,8 +310,11 @@ class LabelSpace:
             self.neuron_labels[o] = (*self.neuron_labels[o], text)
 
         from query.embedder import get_embedder
+        from query.onnx_embedder import query_embedder
 
-        self._embedders = [get_embedder(name) for name in self.embedders]
+        # the atlas's own embedder as search embeds queries (its ONNX export when it carries one)
+        self._embedders = [query_embedder(atlas.path, name) if name == own else get_embedder(name)
+                           for name in self.embedders]
         self.vectors: list[np.ndarray] = []
         for name, emb in zip(self.embedders, self._embedders):
             if name == own:

@@ -111,6 +111,11 @@ def _held_out_sample(cfg: Any, m: Any, opts: FidelityOptions):
     run = load_model(cfg, m, cache, Path(cfg.out) / "images")
     build_sample_idx = choose_sample(len(run.probe), cfg.fidelity.sample_size, cfg.fidelity.seed)
     held = choose_sample(len(run.probe), opts.sample_size, opts.seed, exclude=build_sample_idx)
+    if len(held) < 2:
+        raise BuildError(
+            f"fidelity: model {m.name!r}: the build's fidelity sample holds {len(build_sample_idx)} of the "
+            f"{len(run.probe)} probe images, leaving {len(held)} held-out images (build with a smaller "
+            "fidelity.sample_size or a larger probe set)")
     images, acts = record_summaries(run.target, run.probe, held, list(m.layers), run.summary, m.vit_tokens,
                                     cfg.record.batch_size)
     similarity = None

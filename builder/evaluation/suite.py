@@ -135,19 +135,12 @@ def _synthetic(atlas_dir: str | Path, opts: EvalOptions) -> tuple[dict[str, Any]
         for part in ("final_layer", "planted")
         for k, v in res[part].items()
     ]
-    by_layer: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for u in res["units"]:
-        by_layer.setdefault((u["model"], u["layer"]), []).append(u)
-    for (model, layer), units in sorted(by_layer.items()):
-        rows.append(
-            EvalRow(
-                model,
-                layer,
-                "match_rate",
-                sum(u["match"] for u in units) / len(units),
-                {"per_unit": units},
-            )
-        )
+    for la in res["layers"]:
+        units = [u for u in res["units"] if (u["model"], u["layer"]) == (la["model"], la["layer"])]
+        for key, value in la.items():
+            if key not in ("model", "layer", "units"):
+                rows.append(EvalRow(la["model"], la["layer"], key, value,
+                                    {"per_unit": units} if key == "match_rate" else {}))
     return res, rows
 
 

@@ -110,7 +110,33 @@ def evaluate_synthetic(atlas_dir: str | Path, mpnet: bool = True) -> dict[str, A
     }
     if mpnet and final_names:
         result["final_layer"]["mpnet_cos"] = _mean_cos("mpnet", final_labels, final_names)
+    result["layers"] = layer_metrics(per_unit, "mpnet" if mpnet else "minilm")
     return result
+
+
+def layer_metrics(per_unit: Sequence[dict[str, Any]], embedder_name: str) -> list[dict[str, Any]]:
+    """Per ground-truth layer: units, match rate and the mean cosine of the
+    labels to the true concepts (``<embedder>_cos``): a one-concept unit's
+    label 1 to its concept; a two-concept unit, per concept its nearest
+    label, averaged (an unlabelled unit scores 0)."""
+    from query.embedder import get_embedder
+
+    emb = get_embedder(embedder_name)
+    texts = sorted({t for u in per_unit for t in [*u["labels"], *u["concepts"]]})
+    vec = dict(zip(texts, emb.embed(texts))) if texts else {}
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for u in per_unit:
+        groups.setdefault((u["model"], u["layer"]), []).append(u)
+    out = []
+    for (model, layer), units in groups.items():
+        cos = []
+        for u in units:
+            labs = u["labels"] if len(u["concepts"]) > 1 else u["labels"][:1]
+            cos.append(float(np.mean([max((float(vec[c] @ vec[lab]) for lab in labs), default=0.0)
+                                      for c in u["concepts"]])))
+        out.append({"model": model, "layer": layer, "units": len(units),
+                    "match_rate": _rate([u["match"] for u in units]), f"{embedder_name}_cos": float(np.mean(cos))})
+    return out
 
 
 def _rate(xs: Sequence[bool]) -> float | None:

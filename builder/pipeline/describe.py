@@ -18,7 +18,7 @@ from PIL import Image
 from builder.backends.extractive import normalize_concept
 from builder.backends.interfaces import Captioner, CaptionItem, Summarizer
 from builder.cache import content_key
-from builder.errors import BuildError
+from builder.errors import BackendError, BuildError
 from builder.pipeline.crops import crop_image
 from builder.pipeline.records import Calls, EvidenceItem, ModelRun, NeuronKey
 
@@ -132,7 +132,8 @@ def propose_candidates(
         answers = summarizer.summarize_many([captions[n] for n in todo], n_cand)
         for n, u in zip(todo, getattr(summarizer, "last_item_usage", None) or []):
             usage[n] = dict(u)
-        return [a if isinstance(a, Exception) else list(a) for a in answers]
+        # an answer with no concept is a failure too: an Exception, which the cache never stores
+        return [a if isinstance(a, Exception) or _concepts(a, n_cand) else _NoConcept() for a in answers]
 
     got, fresh = run.cache.fetch("summarize", keys, compute, encode=lambda v: json.dumps(v).encode(),
                                  decode=json.loads)
@@ -147,12 +148,32 @@ def propose_candidates(
             calls.charge(n, "summarizer_requests", keys[n] in fresh and keys[n] not in asked)
         asked.add(keys[n])
         answer = got[n]
-        if isinstance(answer, Exception):
-            failures[n] = f"summarizer failed: {answer}"
-            continue
-        cands = list(dict.fromkeys(c for c in (normalize_concept(a) for a in answer) if c))
-        if cands:
-            candidates[n] = cands[:n_cand]
-        else:
+        if isinstance(answer, Exception) and not isinstance(answer, _NoConcept):
+            failures[n] = f"summarizer failed: {failure_text(answer)}"
+        elif not isinstance(answer, Exception) and (cands := _concepts(answer, n_cand)):
+            candidates[n] = cands
+        else:  # no concept (a cached answer of an earlier version may hold none)
             failures[n] = "the summarizer proposed no concept"
     return candidates, failures
+
+
+class _NoConcept(Exception):
+    """The summarizer's answer held no concept (never cached, so a resume asks again)."""
+
+
+def _concepts(answer: Sequence[str], n_cand: int) -> list[str]:
+    """The first ``n_cand`` distinct normalized concepts of an answer."""
+    return list(dict.fromkeys(c for c in (normalize_concept(str(a)) for a in answer) if c))[:n_cand]
+
+
+REASON_CHARS = 500
+
+
+def failure_text(exc: BaseException) -> str:
+    """One line, at most ``REASON_CHARS`` long, saying what a failure was: the
+    exception's message (its type when it has none, or when it is not a
+    ``BackendError``, whose messages are written for users)."""
+    text = " ".join(str(exc)[: 4 * REASON_CHARS].split())
+    if not isinstance(exc, BackendError) or not text:
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= REASON_CHARS else text[: REASON_CHARS - 3] + "..."

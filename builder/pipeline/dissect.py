@@ -11,6 +11,7 @@ interpretability score) are cached per (image, similarity backend).
 from __future__ import annotations
 
 import io
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +36,31 @@ def prompt_template(name: str) -> str:
         p = data_path("prompts", name)
     if not p.is_file():
         raise BuildError(f"prompt template {name!r} not found (a file in data/prompts or a path)")
-    text = p.read_text().strip()
+    try:
+        text = p.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BuildError(f"prompt template {p} cannot be read as UTF-8 text: {exc}") from None
     if "{concept}" not in text:
         raise BuildError(f"prompt template {p} must contain {{concept}}")
+    check_template_fields(text, str(p))
     return text
+
+
+def check_template_fields(text: str, where: str) -> None:
+    """Raise BuildError unless ``text`` formats with ``concept`` alone (an
+    unknown ``{field}``, a ``{0}`` or a stray brace would fail mid-build)."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
+    except ValueError as exc:
+        raise BuildError(f"prompt template {where}: {exc} (write {{{{ or }}}} for a literal brace)") from None
+    bad = next((f for f in fields if f != "concept"), None)
+    if bad is not None:
+        raise BuildError(f"prompt template {where} has an unknown field {{{bad}}}; it may use only {{concept}}")
+    try:
+        text.format(concept="concept")
+    except (ValueError, KeyError, IndexError) as exc:
+        raise BuildError(f"prompt template {where}: {{concept}} cannot be filled in "
+                         f"({type(exc).__name__}: {exc})") from None
 
 
 def png_bytes(im: Image.Image) -> bytes:

@@ -92,6 +92,7 @@ class DnDLabeler(Labeler):
             create_backend(generators, cfg.dissect.generator, cfg.dissect.generator_options, device=cfg.device)
             if cfg.dissect.enabled else None)
         self.template = prompt_template(cfg.dissect.prompt_template)
+        captioners.factory(cfg.describe.captioner)  # made per model later: a typo fails now, before any write
         describe = getattr(self.similarity, "describe", None)
         return {
             "similarity": describe() if describe else self.similarity.name,
@@ -167,8 +168,8 @@ class DnDLabeler(Labeler):
             with stats.timed("fidelity"):
                 have = {n: [c for c in captions[n] if c is not None] for n in candidates}
                 for n, extra in fidelity_candidates(fid, candidates, have, run.cfg).items():
-                    candidates[n] += extra
-                    sources[n] += ["fidelity"] * len(extra)
+                    candidates[n] += [p for p, _ in extra]
+                    sources[n] += [src for _, src in extra]
         with stats.timed("embed"):
             ev_emb = embed_images(run, self.similarity, images)
         gen = None
@@ -211,7 +212,8 @@ class DnDLabeler(Labeler):
         if fids is not None and cfg.selection == "fidelity":
             rank_of = choose_by_fidelity(
                 cfg, cands, [f.correlation for f in fids], [s.score for s in scores] if scores else None, temb,
-                lambda idx: fid.set_score([cands[i] for i in idx], *n).correlation)
+                lambda idx: fid.set_score([cands[i] for i in idx], *n).correlation,
+                first_eligible=[src != "complement" for src in sources])
         else:  # the paper's selection (or, without generated images, the summarizer's order)
             rank_of = choose_labels(cfg, cands, scores, temb)
         rows = []

@@ -266,13 +266,17 @@ def build_sample(run, images: np.ndarray, acts: dict[str, np.ndarray], captioner
 
 
 def fidelity_candidates(sample: FidelitySample, candidates: dict[tuple[str, int], list[str]],
-                        captions: dict[tuple[str, int], list[str]], cfg) -> dict[tuple[str, int], list[str]]:
+                        captions: dict[tuple[str, int], list[str]], cfg
+                        ) -> dict[tuple[str, int], list[tuple[str, str]]]:
     """Per neuron of a chunk, phrases of its evidence captions to add to its
-    candidates: at most ``describe.fidelity_candidates``, and only those whose
-    fidelity beats every candidate's by ``labels.generality_margin`` (the
-    summarizer missed what the captions and the activations agree on:
-    "solid" is rarely said, but where it is said the unit fires). Presence of
-    all the chunk's texts is computed in two batches."""
+    candidates, each with its source: up to ``describe.fidelity_candidates``
+    phrases whose fidelity beats every candidate's by
+    ``labels.generality_margin`` (``"fidelity"``: the summarizer missed what
+    the captions and the activations agree on; "solid" is rarely said, but
+    where it is said the unit fires), and up to as many complements of the
+    best candidate (``"complement"``, see :func:`_complements`; they may
+    become labels 2-3, never label 1). Presence of all the chunk's texts is
+    computed in a few batches."""
     from builder.backends.extractive import caption_phrases
 
     k = cfg.describe.fidelity_candidates
@@ -297,7 +301,35 @@ def fidelity_candidates(sample: FidelitySample, candidates: dict[tuple[str, int]
         best = max((f.correlation for f in sample.score(candidates[n], *n)), default=0.0)
         scored = sorted(zip(top, sample.score(top, *n)), key=lambda t: -t[1].correlation)
         out[n] = [p for p, f in scored if f.correlation > best + cfg.labels.generality_margin][:k]
-    return out
+    complements = {n: _complements(sample, n, candidates[n] + out[n], captions[n], k, cfg) for n in candidates}
+    return {n: [(p, "fidelity") for p in out[n]] + [(p, "complement") for p in complements[n]] for n in candidates}
+
+
+def _complements(sample: FidelitySample, n: tuple[str, int], cands: list[str], captions: list[str], k: int,
+                 cfg) -> list[str]:
+    """Up to ``k`` caption phrases that explain activation the neuron's best
+    candidate leaves unexplained: presence of either raises the set's
+    fidelity by ``labels.generality_margin`` (a "teal or coral" unit whose
+    summary only said "coral"). Ranked by word presence first, like the
+    single phrases."""
+    from builder.backends.extractive import caption_phrases
+    from builder.pipeline.labels import nested
+
+    fids = sample.score(cands, *n)
+    if not fids:
+        return []
+    i = int(np.argmax([f.correlation for f in fids]))
+    base, base_fid = cands[i], fids[i].correlation
+    have = set(cands)
+    phrases = [p for p in caption_phrases(captions) if p not in have and not nested(p, base)]
+    if not phrases:
+        return []
+    rough_rows = np.maximum(sample.presence.words(phrases), sample.presence.words([base]))
+    rough = correlations(rough_rows, sample.activations(*n))
+    top = [phrases[j] for j in np.argsort(-rough, kind="stable")[: 3 * k]]
+    gains = [(sample.set_score([base, p], *n).correlation - base_fid, p) for p in top]
+    gains.sort(key=lambda t: -t[0])
+    return [p for g, p in gains if g > cfg.labels.generality_margin][:k]
 
 
 def with_fidelity(results: Sequence, sample: FidelitySample) -> list:

@@ -81,13 +81,14 @@ def select_labels(
         sims = text_embeddings[kept] @ text_embeddings[i]
         if not np.all(sims <= threshold):
             continue
-        if drop_nested and any(_nested(scores[i].concept, scores[k].concept) for k in kept):
+        if drop_nested and any(nested(scores[i].concept, scores[k].concept) for k in kept):
             continue
         kept.append(i)
     return kept
 
 
-def _nested(a: str, b: str) -> bool:
+def nested(a: str, b: str) -> bool:
+    """Whether one phrase's words hold the other's ("yellow" and "yellow circle")."""
     wa, wb = _words(a), _words(b)
     return bool(wa) and bool(wb) and (wa <= wb or wb <= wa)
 
@@ -114,6 +115,7 @@ def choose_by_fidelity(
     dissect_scores: Sequence[float] | None,
     text_embeddings: np.ndarray,
     set_correlation: Callable[[list[int]], float],
+    first_eligible: Sequence[bool] | None = None,
 ) -> dict[int, int]:
     """Candidate index -> label rank, the labels chosen by their fidelity.
 
@@ -126,28 +128,32 @@ def choose_by_fidelity(
     nesting filters and raise the label set's fidelity (an image shows the
     set where it shows any of them) by at least ``min_fidelity_gain``: a
     two-concept unit keeps both concepts, a one-concept unit one label.
+    ``first_eligible`` marks the candidates that may be label 1 (a
+    complement of another candidate may only be label 2-3).
     """
     n = len(cands)
-    best = max(correlation)
-    near = [i for i in range(n) if correlation[i] >= best - cfg.fidelity_tolerance]
+    eligible = [i for i in range(n) if first_eligible is None or first_eligible[i]] or list(range(n))
+    best = max(correlation[i] for i in eligible)
+    near = [i for i in eligible if correlation[i] >= best - cfg.fidelity_tolerance]
     first = max(near, key=lambda i: (_finite(dissect_scores[i]) if dissect_scores else 0.0, correlation[i], -i))
-    first = _most_general(cands, correlation, first, cfg.generality_margin)
+    first = _most_general(cands, correlation, first, cfg.generality_margin, eligible)
     kept = [first]
     for i in sorted(range(n), key=lambda i: (-correlation[i], i)):
         if len(kept) >= cfg.max_labels:
             break
         if i in kept or not np.all(text_embeddings[kept] @ text_embeddings[i] <= cfg.dedup_threshold):
             continue
-        if cfg.drop_nested_labels and any(_nested(cands[i], cands[k]) for k in kept):
+        if cfg.drop_nested_labels and any(nested(cands[i], cands[k]) for k in kept):
             continue
         if set_correlation(kept + [i]) - set_correlation(kept) >= cfg.min_fidelity_gain:
             kept.append(i)
     return {i: r + 1 for r, i in enumerate(kept)}
 
 
-def _most_general(cands: Sequence[str], correlation: Sequence[float], chosen: int, margin: float) -> int:
+def _most_general(cands: Sequence[str], correlation: Sequence[float], chosen: int, margin: float,
+                  eligible: Sequence[int]) -> int:
     words = _words(cands[chosen])
-    general = [i for i in range(len(cands)) if _words(cands[i]) and _words(cands[i]) < words
+    general = [i for i in eligible if _words(cands[i]) and _words(cands[i]) < words
                and correlation[chosen] < correlation[i] + margin]
     return min(general, key=lambda i: (len(_words(cands[i])), -correlation[i], i)) if general else chosen
 

@@ -46,6 +46,17 @@ def _meta_module(spec: str, options: dict[str, Any]) -> torch.nn.Module | None:
     return None
 
 
+def unit_counts(target: Any, layers: tuple[str, ...] | list[str]) -> dict[str, int]:
+    """Neurons in each of ``layers`` of a loaded target (one forward pass of a
+    blank image): what a build checks ``units`` against before recording."""
+    x = target.preprocess(Image.new("RGB", (224, 224))).unsqueeze(0).to(target.device, target.dtype)
+    outs: dict[str, torch.Tensor] = {}
+    with hooked(target.module, list(layers), outs.__setitem__), torch.no_grad():
+        target.module(x)
+    return {lay: int(outs[lay].shape[2] if layer_kind(outs[lay]) == "vit" else outs[lay].shape[1])
+            for lay in layers}
+
+
 def layer_plans(m: ModelConfig) -> list[LayerPlan]:
     """Kind and neuron count of each selected layer of ``m``."""
     module = _meta_module(m.target, m.target_options)

@@ -102,13 +102,17 @@ class Calls:
 @dataclass
 class ModelSummary:
     """What a build did for one model: neurons written this run per status,
-    probe images skipped, recording throughput, calls and seconds per stage."""
+    failed neurons of earlier runs redone (``retried``) and how many of them
+    failed again (``still_failed``), probe images skipped, recording
+    throughput, calls and seconds per stage."""
 
     model: str
     neurons: int = 0
     ok: int = 0
     dead: int = 0
     failed: int = 0
+    retried: int = 0
+    still_failed: int = 0
     skipped_images: int = 0
     missing_captions: int = 0  # evidence rows the captioner had no caption for (precomputed, oracle)
     images_per_s: float = float("nan")
@@ -146,6 +150,7 @@ class BuildSummary:
             "models": [
                 {
                     "model": m.model, "neurons": m.neurons, "ok": m.ok, "dead": m.dead, "failed": m.failed,
+                    "retried_failed": m.retried, "still_failed": m.still_failed,
                     "skipped_images": m.skipped_images, "missing_captions": m.missing_captions,
                     "record_images_per_s": round(m.images_per_s, 1),
                     "calls_per_neuron": {
@@ -168,6 +173,12 @@ class BuildSummary:
                 + (f"{m.missing_captions} evidence images without a caption; " if m.missing_captions else "")
                 + f"recording {m.images_per_s:.1f} images/s"
             )
+            if m.retried:
+                lines.append(f"    {m.retried} neurons failed in an earlier run and were retried: "
+                             f"{m.retried - m.still_failed} now described, {m.still_failed} still failed")
+            if m.failed:
+                lines.append(f"    {m.failed} failed neurons keep their reason in the atlas "
+                             "(dnd-atlas neuron); run the same command again to retry them")
             for s, (c, h) in sorted(m.calls.items()):
                 lines.append(f"    {s:<22} {c / max(1, m.ok):8.2f} calls/neuron  ({h / max(1, m.ok):.2f} from cache)")
             for k, v in m.seconds.items():

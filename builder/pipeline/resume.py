@@ -4,13 +4,16 @@ A build started again on the same ``--out`` with the same config skips the
 neurons already written; with other settings it is refused. A config that
 adds models with the same settings adds them: the atlas meta keeps every
 model's config, so a later build of an older model with another config is
-refused too.
+refused too. A model counts once it has a neuron row: what a build that
+failed earlier (a typo, an empty probe folder) left of a model with none is
+dropped, so the corrected config is accepted.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ from builder.probe import describe_changes
 from query.writer import AtlasWriter
 
 PROBE_META = "probe_sets"  # meta: {model: {root, files, skipped, fingerprint}} as first built
+log = logging.getLogger(__name__)
 
 
 def with_old_models(new: dict[str, Any], old: dict[str, Any] | None) -> dict[str, Any]:
@@ -34,8 +38,44 @@ def with_old_models(new: dict[str, Any], old: dict[str, Any] | None) -> dict[str
     return {**new, "models": kept + list(new.get("models", []))}
 
 
+def forget_unwritten(writer: AtlasWriter) -> list[str]:
+    """Drop what failed earlier builds left of models that have no neuron row
+    yet (ok, dead or failed): their model, layer and stage-time rows and
+    their entries in the build meta, so a corrected config takes their
+    place. When no model has a neuron row, the whole build meta goes (the
+    atlas is as new). Returns the names of the models dropped."""
+    meta = writer.meta()
+    if not meta.get("build_fingerprint"):
+        return []
+    written = writer.models_with_neurons()
+    named = {m.get("name") for m in meta["build_fingerprint"].get("models", []) if isinstance(m, dict)}
+    unwritten = sorted(n for n in (named | writer.model_names()) - written if isinstance(n, str))
+    writer.forget_models(unwritten)
+    if not written:
+        writer.delete_meta()
+    elif unwritten:
+        writer.set_meta(**_without_models(meta, set(unwritten)))
+    if unwritten:
+        log.info("no neuron of %s was written by an earlier build: its settings are not kept", ", ".join(unwritten))
+    return unwritten
+
+
+def _without_models(meta: dict[str, Any], models: set[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in ("build_config", "build_fingerprint"):
+        if isinstance(meta.get(key), dict):
+            out[key] = {**meta[key], "models": [m for m in meta[key].get("models", []) if m.get("name") not in models]}
+    for key in ("ground_truth", PROBE_META):  # a dropped model's probe set is recorded anew when it is built
+        if isinstance(meta.get(key), dict):
+            out[key] = {k: v for k, v in meta[key].items() if k not in models}
+    return out
+
+
 def check_resume(writer: AtlasWriter, cfg: BuildConfig) -> None:
-    """Refuse to mix configs in one atlas: resuming needs the same settings."""
+    """Refuse to mix configs in one atlas: resuming needs the same settings.
+    Only what holds neurons counts (``forget_unwritten``): a build that
+    failed before writing a model's first neuron left nothing to agree with."""
+    forget_unwritten(writer)
     meta = writer.meta()
     old = meta.get("build_fingerprint")
     if not old:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from builder.atlas_embedder import carried_embedder_meta
 from builder.backends.targets import (
     fit_to_probe,
     load_target,
@@ -31,10 +32,11 @@ from builder.pipeline.clip_dissect import ClipDissectLabeler
 from builder.pipeline.dnd import DnDLabeler
 from builder.pipeline.fidelity import FidelitySample, choose_sample, layer_summary
 from builder.pipeline.labeler import Labeler, Recording
-from builder.pipeline.neurons import is_dead, todo_neurons
+from builder.pipeline.neurons import check_units, is_dead, todo_neurons
+from builder.pipeline.plan import unit_counts
 from builder.pipeline.records import BuildSummary, ModelRun, ModelSummary, NeuronKey
 from builder.pipeline.resume import build_meta, check_probe, check_resume
-from builder.pipeline.write import with_label_vectors
+from builder.pipeline.write import remove_stale_temp_files, with_label_vectors
 from builder.probe import ProbeSet
 from builder.progress import progress
 from query.embedder import get_embedder
@@ -61,6 +63,8 @@ def build(cfg: BuildConfig, cache_enabled: bool = True, labeler: Labeler | None 
     out = Path(cfg.out)
     writer = AtlasWriter(out)
     try:
+        if n_stale := remove_stale_temp_files(writer.dir / "images"):  # left by a build killed mid-write
+            log.info("removed %d temp files of an earlier, killed build", n_stale)
         check_resume(writer, cfg)
         labeler.check_resume(writer.meta())
         embedder = get_embedder(cfg.embedder)
@@ -68,6 +72,7 @@ def build(cfg: BuildConfig, cache_enabled: bool = True, labeler: Labeler | None 
         try:
             extra = labeler.open(cache)
             writer.set_meta(**build_meta(cfg, writer.meta(), embedder), **extra)
+            writer.set_meta(**carried_embedder_meta(out, cfg.embedder, cfg.embedder_quantize))
             summaries = [_build_model(cfg, m, labeler, writer, cache, embedder) for m in cfg.models]
             log.info("FAISS index over %d labels written", build_index(out))
             writer.set_meta(ground_truth=writer.meta().get("ground_truth", {}))
@@ -85,6 +90,8 @@ def load_model(cfg: BuildConfig, m: ModelConfig, cache: ContentCache, images_dir
     device = resolve_device(cfg.device)
     target = load_target(m.name, m.target, m.target_options, device, resolve_dtype(cfg.dtype, device))
     target.check_layers(m.layers)
+    if m.units:  # before recording: units that select nothing are a config error, not an empty build
+        check_units(m, unit_counts(target, m.layers))
     probe = ProbeSet.scan(m.probe, max_pixels=cfg.record.max_image_pixels)
     target = fit_to_probe(target, probe)  # a preprocess that keeps sizes gets one size for every image
     sample = (choose_sample(len(probe), cfg.fidelity.sample_size, cfg.fidelity.seed) if cfg.fidelity.enabled
@@ -106,7 +113,10 @@ def _build_model(
     stats.skipped_images, stats.images_per_s = rec.n_skipped, rec.images_per_s
     if rec.n_skipped:
         log.warning("%s: %d probe files were not readable images and were skipped", m.name, rec.n_skipped)
+    # failed neurons are not done: a resume asks again for them (their rows stay until replaced)
+    failed_before = set(writer.failed_units(m.name))
     todo = todo_neurons(m, [(lay, n) for lay, _, n in rec.layers], cfg.shard, writer.done_units(m.name))
+    stats.retried = sum(n in failed_before for n in todo)
     extremes = {lay: rec.extremes(lay) for lay, _, _ in rec.layers}
     dead = {n for n in todo if is_dead(extremes[n[0]][0][n[1]], extremes[n[0]][1][n[1]])}
     writer.write_neurons(NeuronResult(m.name, lay, u, "dead", DEAD_REASON, float(extremes[lay][0][u]))
@@ -121,6 +131,7 @@ def _build_model(
                 fid = labeler.fidelity_sample(run, rec)
         if live:
             _label(run, rec, live, labeler, writer, embedder, stats, fid)
+        stats.still_failed = len(failed_before & set(writer.failed_units(m.name)) & set(todo))
         if fid is not None:
             with stats.timed("fidelity"):
                 _write_layer_fidelity(run, writer, fid)

@@ -30,13 +30,35 @@ def fit_thumbnail(im: Image.Image, size: int = THUMB_SIZE) -> Image.Image:
     return im.resize(new, Image.NEAREST if scale > 1 else Image.LANCZOS)
 
 
+TEMP_GLOB = ".*.tmp"  # the temp names of save_image_atomic: .NAME.PID.tmp
+
+
 def save_image_atomic(im: Image.Image, path: Path) -> None:
     """Write ``im`` as WebP through a temp name and a rename, so a killed
-    build never leaves a half-written thumbnail under its final name."""
+    build never leaves a half-written thumbnail under its final name; a
+    failed write (a full disk, Ctrl-C) removes its temp file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    im.save(tmp, format="WEBP", quality=80)
-    os.replace(tmp, path)
+    try:
+        im.save(tmp, format="WEBP", quality=80)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def remove_stale_temp_files(images_dir: Path) -> int:
+    """Delete the temp files that builds killed mid-write (``kill -9``, a
+    power cut) left under ``images_dir``; returns how many. Call it only
+    while holding the atlas for writing, so no live build owns them."""
+    removed = 0
+    if not images_dir.is_dir():
+        return 0
+    for tmp in images_dir.rglob(TEMP_GLOB):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def evidence_thumbnail(run: ModelRun, e: EvidenceItem) -> str:

@@ -75,10 +75,11 @@ def _with_new_fields(layer_records):
             return records
         out = []
         for rec in records:
-            ev = [EvidenceWithSource(**e.__dict__, source_thumbnail="images/ev/0.webp",
-                                     source_size=(64, 64), heatmap="images/heat/0.png")
+            # (format v3 records have these fields already: the values here win)
+            ev = [EvidenceWithSource(**{**e.__dict__, "source_thumbnail": "images/ev/0.webp",
+                                        "source_size": (64, 64), "heatmap": "images/heat/0.png"})
                   for e in rec.evidence]
-            labels = [LabelWithFidelity(**lb.__dict__, fidelity_correlation=0.9 - 0.5 * rec.unit)
+            labels = [LabelWithFidelity(**{**lb.__dict__, "fidelity_correlation": 0.9 - 0.5 * rec.unit})
                       for lb in rec.labels]
             out.append(replace(rec, evidence=ev, labels=labels))
         return out

@@ -37,3 +37,16 @@ def test_every_config_key_is_documented():
 def test_quick_start_is_the_two_commands():
     quick = README.split("## Quick start", 1)[1].split("##", 1)[0]
     assert re.findall(r"^make \w+", quick, re.M) == ["make demo", "make test"]
+
+
+def test_every_openai_backend_option_is_documented():
+    import inspect
+
+    from builder.backends.openai_api import OpenAISummarizer, OpenAIVisionCaptioner
+
+    llm = README.split("## Using an LLM", 1)[1].split("\n## ", 1)[0]
+    for cls in (OpenAISummarizer, OpenAIVisionCaptioner):
+        for name in inspect.signature(cls.__init__).parameters:
+            if name not in ("self", "base_url", "api_key"):  # those two are named in the prose above
+                assert f"`{name}" in llm, f"README's 'Using an LLM' lacks {cls.__name__} option {name}"
+    assert "`base_url`" in llm and "`api_key`" in llm

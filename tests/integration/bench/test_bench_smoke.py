@@ -32,3 +32,23 @@ def test_site_bench_smoke_has_photographic_thumbnails():
     assert 3.0 <= float(out["site_image_kb_mean_tiny"]) <= 6.0   # the weight of real photos
     assert int(out["site_images_tiny"]) <= 200 + 40 * 3          # each image once
     assert float(out["site_build_s_tiny"]) > 0
+
+
+@pytest.mark.slow
+def test_search_bench_times_both_query_embedders():
+    from bench.search import run
+
+    out = run(n_labels=3000, n_queries=5)
+    assert out["search_labels"] == "3000"
+    for key in ("search_p50_ms", "search_p95_ms", "search_p50_ms_onnx", "search_p95_ms_onnx"):
+        assert float(out[key]) > 0, key
+    assert float(out["search_p50_ratio_st_vs_onnx"]) > 0
+
+
+@pytest.mark.slow
+def test_cold_search_bench_starts_the_onnx_path_without_torch():
+    from bench.cold_search import run
+
+    out = run(rounds=1)
+    assert 0 < float(out["cold_search_cpu_s_onnx"]) < float(out["cold_search_cpu_s_st"])
+    assert float(out["cold_search_rss_mb_onnx"]) < float(out["cold_search_rss_mb_st"])

@@ -17,14 +17,19 @@ from pathlib import Path
 from builder.demo import run_demo
 from builder.pipeline.run import build
 from testkit.atlas_tables import table_digest
+from testkit.atlases import hits_difference, search_hits
+from testkit.labels import QUERIES
 
 DIGESTS = json.loads((Path(__file__).resolve().parents[2] / "data" / "demo_600_digest.json").read_text())
 
 
-def test_demo_atlas_matches_the_committed_digest(tmp_path):
+def test_demo_atlas_matches_the_committed_digest(tmp_path, minilm):
     summary = run_demo(tmp_path, n_images=600, seed=0)
     assert summary.models[0].neurons + summary.models[1].neurons == DIGESTS["dnd"]["neurons"][0]
     assert table_digest(tmp_path / "atlas") == DIGESTS["dnd"]
+    # the ONNX embedder the demo atlas carries finds what sentence-transformers finds
+    onnx = search_hits(tmp_path / "atlas", list(QUERIES), k=25)
+    assert hits_difference(onnx, search_hits(tmp_path / "atlas", list(QUERIES), k=25, embedder=minilm)) is None
     from builder.config import load_config
 
     cfg = load_config(tmp_path / "demo.toml", [f"out={json.dumps(str(tmp_path / 'clip-dissect'))}"])

@@ -46,6 +46,7 @@ def built(tmp_path_factory) -> Path:
             {"name": "cnn", "target": "demo-cnn", "probe": str(probe), "layers": ["fc"]},
         ],
         "dissect": {"similarity_options": {"target": "demo-cnn"}},
+        "fidelity": {"sample_size": 80},  # leaves 70 probe images for the held-out sample of eval
     })
     build(cfg)
     return root / "atlas"
@@ -76,7 +77,10 @@ def _rows(atlas: Path, protocol: str) -> dict[tuple[str, str, str], float | None
 
 def test_default_synthetic_json_keeps_its_keys_and_stores_rows(atlas, capsys):
     out = json.loads(_run(capsys, str(atlas), "--json", "--no-mpnet"))
-    assert set(out) == {"final_layer", "planted", "protocols"}
+    assert set(out) == {"final_layer", "planted", "protocols", "layers"}
+    by_layer = {(la["model"], la["layer"]): la for la in out["layers"]}
+    assert by_layer[("planted", "detectors")]["units"] == 18 and by_layer[("cnn", "fc")]["units"] == 18
+    assert 0.5 < by_layer[("planted", "detectors")]["minilm_cos"] <= 1.0 + 1e-6
     for part, keys in SYNTHETIC_KEYS.items():
         assert set(out[part]) == keys
     assert out["protocols"] == ["synthetic"]
@@ -86,6 +90,7 @@ def test_default_synthetic_json_keeps_its_keys_and_stores_rows(atlas, capsys):
     assert rows[("", "", "final_layer.match_rate")] == pytest.approx(out["final_layer"]["match_rate"])
     assert rows[("", "", "planted.single_match_rate")] == 1.0
     assert ("planted", "detectors", "match_rate") in rows and ("cnn", "fc", "match_rate") in rows
+    assert rows[("planted", "detectors", "minilm_cos")] == pytest.approx(by_layer[("planted", "detectors")]["minilm_cos"])
     # --units adds the per-unit list; a rerun replaces the protocol's rows instead of adding
     again = json.loads(_run(capsys, str(atlas), "--json", "--no-mpnet", "--units"))
     assert len(again["units"]) == 36 and {"model", "layer", "unit", "labels", "match"} <= set(again["units"][0])
@@ -244,3 +249,47 @@ def test_site_home_page_shows_evaluations(atlas, tmp_path, capsys):
     assert "planted&#46;single&#95;match&#95;rate" in home or "planted.single_match_rate" in home
     assert "0.875" in home
     assert "<b>evil</b>" not in home
+
+
+def test_fidelity_true_labels_beat_shuffled_and_random_on_held_out_images(atlas, capsys):
+    out = json.loads(_run(capsys, str(atlas), "--protocol", "fidelity", "--sample-size", "60", "--units", "--json"))
+    fid = out["fidelity"]
+    assert fid["sample_images"] == 60
+    layers = {(la["model"], la["layer"]): la for la in fid["layers"]}
+    assert set(layers) == {("planted", "detectors"), ("cnn", "fc")}
+    for la in layers.values():  # NeuronEval's sanity checks, on every ground-truth layer
+        for metric in ("correlation", "auprc"):
+            assert la[f"true_{metric}"] > la[f"shuffled_{metric}"]
+            assert la[f"true_{metric}"] > la[f"random_{metric}"]
+            assert la[f"label_{metric}"] > la[f"shuffled_{metric}"]
+        assert la["units"] == len(la["per_unit"]) == 18
+    rows = _rows(atlas, "fidelity")
+    assert rows[("planted", "detectors", "label_correlation")] == pytest.approx(
+        layers[("planted", "detectors")]["label_correlation"])
+    assert rows[("", "", "label_auprc")] == pytest.approx(fid["label_auprc"])
+
+
+def test_fidelity_compare_scores_wrong_labels_lower(atlas, built, tmp_path, capsys):
+    b = tmp_path / "b"
+    shutil.copytree(built, b)
+    con = duckdb.connect(str(b / "atlas.duckdb"))
+    con.execute("UPDATE labels SET text = 'triangle' WHERE model = 'planted' AND rank = 1")
+    con.close()
+    out = json.loads(_run(capsys, "--compare", str(atlas), str(b), "--protocol", "fidelity",
+                          "--sample-size", "40", "--model", "planted", "--json"))
+    metrics = {name: (va, vb) for name, va, vb in out["metrics"]}
+    va, vb = metrics["fidelity.planted/detectors.label_correlation"]
+    assert va > vb + 0.2
+
+
+def test_fidelity_needs_held_out_images(tmp_path, atlas):
+    """All probe images in the build's sample: no held-out image is left, and eval says so."""
+    con = duckdb.connect(str(atlas / "atlas.duckdb"))
+    cfg = json.loads(con.execute("SELECT value FROM meta WHERE key = 'build_config'").fetchone()[0])
+    cfg["fidelity"]["sample_size"] = 500
+    con.execute("UPDATE meta SET value = ? WHERE key = 'build_config'", [json.dumps(cfg)])
+    con.close()
+    p = argparse.ArgumentParser()
+    add_eval_arguments(p)
+    with pytest.raises(Exception, match="held-out"):
+        run_eval(p.parse_args([str(atlas), "--protocol", "fidelity", "--no-save"]))

@@ -9,6 +9,8 @@ server records what it got. One test (marked ``slow``) talks to a real
 from __future__ import annotations
 
 import base64
+import contextlib
+import gzip
 import io
 import json
 import os
@@ -33,8 +35,11 @@ from builder.backends.openai_api import (
 )
 from builder.data_files import data_path
 from builder.errors import BackendError
-from testkit.openai_server import Hang, RawBody, Reply, ScriptedServer, Status
+from testkit.openai_server import Drip, Hang, RawBody, Reply, Reset, ScriptedServer, Status
 
+# what a deadline may overrun by on a busy 2-core machine: scheduling, and
+# the openai client's first-request setup (imports, platform detection)
+SLACK_S = 2.0
 CAPTIONS = [
     "a red striped circle on grass",
     "a red dotted circle above a blue square",
@@ -65,6 +70,22 @@ def _loopback_only(monkeypatch):
 def srv():
     with ScriptedServer() as s:
         yield s
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _warm_client():
+    """One request first, so wall-time asserts measure requests, not the
+    openai client's one-time setup."""
+    with ScriptedServer() as s:
+        OpenAISummarizer(model="m", base_url=s.base_url).summarize(CAPTIONS, 1)
+
+
+@pytest.fixture
+def quick_backoff(monkeypatch):
+    """Backoff without Retry-After of 0.05 s, 0.1 s, ... (0.5 s, 1 s, ... by default)."""
+    from builder.backends import openai_requests
+
+    monkeypatch.setattr(openai_requests, "BACKOFF_BASE_S", 0.05)
 
 
 def summarizer(srv: ScriptedServer, **kw) -> OpenAISummarizer:
@@ -193,7 +214,9 @@ def test_429_past_the_retries_fails_with_a_one_line_reason(srv):
     srv.script(*[Status(429, "rate limited")] * 3)
     (out,) = summarizer(srv, max_retries=2).summarize_many([CAPTIONS], 5)
     assert isinstance(out, BackendError)
-    assert str(out).startswith("LLM request failed: HTTP 429 after 2 retries")
+    assert str(out) == (
+        "LLM request failed: HTTP 429, after 2 retries sent (max_retries = 2): rate limited"
+    )
     assert len(srv.chat_requests) == 3
 
 
@@ -206,20 +229,44 @@ def test_500_is_retried(srv):
 def test_400_is_not_retried(srv):
     srv.script(Status(400, "bad model"))
     (out,) = summarizer(srv).summarize_many([CAPTIONS], 5)
-    assert "HTTP 400 not retried: bad model" in str(out)
+    assert str(out) == "LLM request failed: HTTP 400, not retried: bad model"
     assert len(srv.chat_requests) == 1
 
 
-def test_a_hanging_server_times_out_after_the_retries(srv):
+def test_a_hanging_server_is_cut_at_the_deadline_and_not_retried_past_it(srv):
+    """``timeout`` is the whole request's budget: a hang uses it up, so no
+    retry is sent even though ``max_retries`` allows one."""
     srv.script(Hang(5), Hang(5))
-    s = summarizer(srv, timeout=0.3, max_retries=1)
+    s = summarizer(srv, timeout=0.6, max_retries=1)
     t0 = time.perf_counter()
     (out,) = s.summarize_many([CAPTIONS], 5)
     elapsed = time.perf_counter() - t0
-    assert isinstance(out, BackendError)
-    assert str(out) == "LLM request failed: no answer within 0.3 s, after 1 retries"
+    assert str(out) == (
+        "LLM request failed: no complete answer within 0.6 s, then the 0.6 s deadline "
+        "left no time for a retry (0 retries sent)"
+    )
+    assert len(srv.chat_requests) == 1
+    assert 0.6 <= elapsed < 0.6 + SLACK_S
+
+
+def test_attempt_timeout_lets_a_hung_attempt_be_retried_within_the_deadline(srv):
+    # 0.4 s + a 0.5 s backoff + 0.4 s fit the 3 s deadline with room for a busy machine
+    srv.script(Hang(5), Hang(5), Reply('["red circles"]'))
+    s = summarizer(srv, timeout=3.0, attempt_timeout=0.4, max_retries=1)
+    t0 = time.perf_counter()
+    (out,) = s.summarize_many([CAPTIONS], 5)
+    elapsed = time.perf_counter() - t0
+    assert str(out) == (
+        "LLM request failed: no complete answer within 0.4 s, after 1 retry sent (max_retries = 1)"
+    )
     assert len(srv.chat_requests) == 2
-    assert elapsed < 3.0  # two 0.3 s attempts and the client's backoff, not the 5 s hang
+    assert 0.8 <= elapsed < 3.0 + SLACK_S
+    assert s.usage["requests"] == 2 and s.usage["retries"] == 1
+
+    srv.reset()
+    srv.script(Hang(5), Reply('["red circles"]'))
+    assert summarizer(srv, timeout=3.0, attempt_timeout=0.4).summarize(CAPTIONS, 5) == ["red circles"]
+    assert [r.headers["x-stainless-retry-count"] for r in srv.chat_requests] == ["0", "1"]
 
 
 def test_failures_stay_per_neuron(srv):
@@ -231,6 +278,163 @@ def test_failures_stay_per_neuron(srv):
     assert out[0] == ["red circles"] and out[3] == ["red circles"]
     assert isinstance(out[1], BackendError) and "HTTP 400" in str(out[1])
     assert isinstance(out[2], BackendError) and "no captions" in str(out[2])
+
+
+# ----------------------------------------------------------------------------- a hostile world
+LIMIT = "1,288,576"  # the body cap of the default max_answer_chars (20,000)
+GOOD = '["red circles"]'
+GZIP = gzip.compress(json.dumps({"choices": [{"message": {"content": GOOD}}]}).encode())
+# case -> (what the server does, request by request; the exact reason, or the answer; requests it gets)
+HOSTILE = {
+    "slow drip, 1 byte/s": (
+        [Drip(GOOD, interval=1.0, max_seconds=20)],
+        ("LLM request failed: no complete answer within 2 s, then the 2 s deadline left no time "
+        "for a retry (0 retries sent)"), 1),
+    "a 20 MB word": (
+        [Reply(json.dumps(["x" * 20_000_000]))],
+        r"LLM request failed: HTTP 200 body of 20,000,\d{3} bytes \(Content-Length\) is over the "
+        + LIMIT + "-byte limit; not read, not retried", 1),
+    "a 20 MB list": (
+        [Reply(json.dumps(["red circles"] * 1_400_000))],
+        r"LLM request failed: HTTP 200 body of 2\d,\d{3},\d{3} bytes \(Content-Length\) is over the "
+        + LIMIT + "-byte limit; not read, not retried", 1),
+    "3 MB, no Content-Length": (
+        [RawBody(b'{"choices": "' + b"x" * 3_000_000, "application/json", content_length=False)],
+        "LLM request failed: HTTP 200 body passed the " + LIMIT
+        + "-byte limit; reading stopped, not retried", 1),
+    "a 30,000-character answer": (
+        [Reply("a" * 30_000)],
+        ("LLM request failed: the answer is 30,000 characters, over the 20,000 limit "
+        "(max_answer_chars); not parsed, not retried"), 1),
+    "a 5,000-character item, twice": (
+        [Reply(json.dumps(["x" * 5_000])), Reply(json.dumps(["y" * 5_000, "z" * 90]))],
+        (r"LLM answer was not a list of 1-5 word concepts: no item was a 1-5 word concept of at most "
+        r"80 characters that is not a copied caption \('y{37}\.\.\.'; 'z{37}\.\.\.'\)"), 2),
+    "429, Retry-After 100000": (
+        [Status(429, "rate limited", retry_after_ms=None, retry_after="100000")],
+        ("LLM request failed: HTTP 429, not retried: the server asked to wait 100,000 s "
+        "(Retry-After), past the 2 s deadline (0 retries sent): rate limited"), 1),
+    "503, Retry-After a date in 2099": (
+        [Status(503, "down", retry_after_ms=None, retry_after="Wed, 21 Oct 2099 07:28:00 GMT")],
+        (r"LLM request failed: HTTP 503, not retried: the server asked to wait [\d,]+ s "
+        r"\(Retry-After\), past the 2 s deadline \(0 retries sent\): down"), 1),
+    "500, 500, then an answer": (
+        [Status(500, "boom"), Status(500, "boom"), Reply(GOOD)], ["red circles"], 3),
+    "500 every time": (
+        [Status(500, "boom")] * 3,
+        r"LLM request failed: HTTP 500, after 2 retries sent \(max_retries = 2\): boom", 3),
+    "an HTML 502 page": (
+        [RawBody(b"<html><body>\n502 Bad Gateway\n</body></html>", code=502)] * 3,
+        (r"LLM request failed: HTTP 502, after 2 retries sent \(max_retries = 2\): "
+        r"<html><body> 502 Bad Gateway </body></html>"), 3),
+    "HTML with status 200": (
+        [RawBody(b"<html>\x1b[31mcertainly not json")],
+        (r"LLM request failed: HTTP 200 body is not JSON \(content type 'text/html', 29 bytes, "
+        r"starting '<html> \[31mcertainly not json'\), not retried"), 1),
+    "JSON of the wrong shape": (
+        [RawBody(b'{"result": "ok"}', "application/json")],
+        (r"""LLM request failed: HTTP 200 JSON body is not a chat completion: no """
+        r"""choices\[0\]\.message\.content \(content type 'application/json', 16 bytes, """
+        r"""starting '\{"result": "ok"\}'\), not retried"""), 1),
+    "a gzip body": (
+        [RawBody(GZIP, "application/json", headers=(("Content-Encoding", "gzip"),))],
+        ("LLM request failed: HTTP 200 body is compressed (Content-Encoding 'gzip') though "
+        "identity was asked for; not read, not retried"), 1),
+    "connection reset every time": (
+        [Reset()] * 3,
+        (r"LLM request failed: connection failed \((ConnectionResetError|ConnectionAbortedError"
+        r"|BrokenPipeError|RemoteProtocolError|ReadError): .+\), after 2 retries sent "
+        r"\(max_retries = 2\)"), 3),
+    "connection reset, then an answer": ([Reset(), Reply(GOOD)], ["red circles"], 2),
+    "15,000 nested brackets, then prose": (
+        [Reply("[" * 15_000), Reply("no idea")],
+        ("LLM answer was not a list of 1-5 word concepts: no JSON or numbered list in the answer "
+        "'no idea'"), 2),
+    "a good answer": ([Reply(GOOD)], ["red circles"], 1),
+}
+
+
+def _hostile_responder(cases: dict[str, list]):
+    """Each neuron's requests get its case's behaviours in order, then a good answer."""
+    queues = {name: list(behaviours) for name, behaviours in cases.items()}
+
+    def respond(rec):
+        name = re.search(r"case <(.+?)>", rec.text()).group(1)
+        return queues[name].pop(0) if queues[name] else Reply(GOOD)
+
+    return respond
+
+
+def test_a_hostile_world_fails_each_neuron_alone_with_a_truthful_reason(srv, quick_backoff):
+    """Every hostile behaviour at once, one neuron each, concurrently, with
+    ``timeout = 2``: each neuron fails (or succeeds) on its own, with the
+    reason of what its server did, within the deadline."""
+    srv.responder = _hostile_responder({k: v[0] for k, v in HOSTILE.items()})
+    names = list(HOSTILE)
+    batches = [[f"case <{name}> a red circle", "a red circle on grass"] for name in names]
+    s = summarizer(srv, timeout=2.0, max_retries=2, concurrency=len(names))
+    t0 = time.perf_counter()
+    out = s.summarize_many(batches, 5)
+    elapsed = time.perf_counter() - t0
+
+    got = {name: o if isinstance(o, list) else str(o) for name, o in zip(names, out)}
+    for name, (_, expected, _) in HOSTILE.items():
+        if isinstance(expected, list):
+            assert got[name] == expected, name
+        else:
+            assert isinstance(out[names.index(name)], BackendError), name
+            assert re.fullmatch(expected, got[name]) or got[name] == expected, (name, got[name])
+    requests = {name: sum(f"case <{name}>" in r.text() for r in srv.chat_requests) for name in names}
+    assert requests == {name: v[2] for name, v in HOSTILE.items()}
+    assert elapsed < 2.0 + SLACK_S  # every request within its 2 s deadline, all at once
+    assert s.usage["failed_neurons"] == sum(not isinstance(v[1], list) for v in HOSTILE.values())
+
+
+def test_the_slow_drip_alone_ends_at_the_deadline(srv):
+    srv.script(Drip(GOOD, interval=1.0, max_seconds=20))
+    t0 = time.perf_counter()
+    (out,) = summarizer(srv, timeout=2.0).summarize_many([CAPTIONS], 5)
+    elapsed = time.perf_counter() - t0
+    assert str(out).startswith("LLM request failed: no complete answer within 2 s")
+    assert 2.0 <= elapsed < 2.0 + SLACK_S
+
+
+def test_a_retry_after_that_fits_the_deadline_is_waited_and_counted(srv):
+    srv.script(Status(429, "slow down", retry_after_ms=None, retry_after="1"), Reply(GOOD))
+    s = summarizer(srv, timeout=3.0)
+    t0 = time.perf_counter()
+    assert s.summarize(CAPTIONS, 5) == ["red circles"]
+    first, second = srv.chat_requests
+    assert second.started - first.started >= 1.0  # the server's wait, not the client's backoff
+    assert time.perf_counter() - t0 < 3.0 + SLACK_S
+    assert s.usage["requests"] == 2 and s.usage["retries"] == 1 and s.last_item_usage[0]["requests"] == 2
+
+
+def test_max_answer_chars_is_an_option(srv):
+    answer = '["red circles", "' + "r" * 60 + '"]'
+    srv.script(Reply(answer))
+    (out,) = summarizer(srv, max_answer_chars=40).summarize_many([CAPTIONS], 5)
+    assert str(out) == (
+        f"LLM request failed: the answer is {len(answer)} characters, over the 40 limit "
+        "(max_answer_chars); not parsed, not retried"
+    )
+    with pytest.raises(BackendError, match="max_answer_chars >= 1"):
+        summarizer(srv, max_answer_chars=0)
+    with pytest.raises(BackendError, match="timeout and attempt_timeout must be > 0"):
+        summarizer(srv, timeout=float("inf"))
+
+
+def test_vision_captioner_has_the_same_deadline_and_a_caption_limit(srv):
+    item = CaptionItem(Image.new("RGB", (8, 8)), "x.png")
+    srv.script(Drip("a red square", interval=1.0, max_seconds=20))
+    cap = OpenAIVisionCaptioner(model="stub-vlm", base_url=srv.base_url, timeout=1.5)
+    t0 = time.perf_counter()
+    with pytest.raises(BackendError, match=r"captioning x\.png: LLM request failed: no complete answer within 1\.5 s"):
+        cap.caption([item])
+    assert time.perf_counter() - t0 < 1.5 + SLACK_S
+    srv.script(Reply("a red square " * 100))
+    with pytest.raises(BackendError, match=r"over the 1,000 limit \(max_caption_chars\)"):
+        OpenAIVisionCaptioner(model="stub-vlm", base_url=srv.base_url).caption([item])
 
 
 # ----------------------------------------------------------------------------- concurrency
@@ -561,5 +765,113 @@ def test_a_build_with_the_openai_summarizer_records_a_failed_neuron_and_goes_on(
     )
     for r in records:
         if r.status == "ok":
-            assert r.labels and 1 <= len(r.candidates) <= 5
+            # the LLM's answer gives 1-5 candidates; the fidelity step may add caption phrases
+            asked = [c for c in r.candidates if c.source != "fidelity"]
+            assert r.labels and 1 <= len(asked) <= 5
             assert all(1 <= len(c.concept.split()) <= 5 for c in r.candidates)
+
+
+def _stub_concepts(rec) -> Reply:
+    """A good answer for a summarize request: the extractive concepts of its captions."""
+    from builder.backends.extractive import extract_concepts
+
+    user = rec.messages[1]["content"]
+    caps = re.findall(r"^\d+\. (.*)$", user, re.MULTILINE)
+    n = int(re.search(r"exactly (\d+) distinct", user).group(1))
+    return Reply(json.dumps(extract_concepts(caps, n)))
+
+
+def _build_json(config: Path, *flags: str) -> dict:
+    """``dnd-atlas build --config FILE --json [flags]``, in process (the
+    scripted server runs in this process); the model's summary."""
+    from query import cli
+
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert cli.main(["build", "--config", str(config), "--json", *flags]) == 0
+    (model,) = json.loads(out.getvalue())["models"]
+    return model
+
+
+def _statuses(atlas: Path) -> dict[int, tuple[str, str | None]]:
+    import duckdb
+
+    con = duckdb.connect(str(atlas / "atlas.duckdb"), read_only=True)
+    try:
+        rows = con.execute("SELECT unit, status, reason FROM neurons ORDER BY unit").fetchall()
+    finally:
+        con.close()
+    return {u: (status, reason) for u, status, reason in rows}
+
+
+def _cached_answers(atlas: Path) -> int:
+    import sqlite3
+
+    con = sqlite3.connect(str(atlas / "cache" / "cache.sqlite"))
+    try:
+        return con.execute("SELECT count(*) FROM cache WHERE ns = 'summarize'").fetchone()[0]
+    finally:
+        con.close()
+
+
+def test_neurons_failed_while_the_llm_was_down_are_retried_by_the_same_command(srv, tmp_path):
+    """The LLM is down (503) for a whole build: every neuron is recorded as
+    failed, with the reason, and nothing is cached. It comes back for half the
+    neurons: the same command with --no-cache retries all 18, labels 9 and
+    keeps the latest reason of the other 9. Up for all: the same command
+    (cache on) retries those 9 and labels them."""
+    import tomli_w
+
+    from builder.synthetic.probe import write_probe_set
+
+    state = {"up": lambda rec: False}
+
+    def responder(rec):
+        if not state["up"](rec):
+            return Status(503, "model is loading")
+        return _stub_concepts(rec)
+
+    srv.responder = responder
+    probe = write_probe_set(tmp_path / "probe", n=60, seed=3, progress=False)
+    atlas = tmp_path / "atlas"
+    config = tmp_path / "build.toml"
+    config.write_text(tomli_w.dumps({
+        "out": str(atlas),
+        "chunk_size": 6,
+        "models": [{"name": "planted", "target": "planted", "probe": str(probe), "layers": ["detectors"]}],
+        "crop": {"enabled": False},
+        "describe": {"summarizer": "openai", "summarizer_options": {
+            "model": "stub-model", "base_url": srv.base_url, "timeout": 2.0, "max_retries": 1}},
+        "dissect": {"enabled": False, "similarity_options": {"target": "demo-cnn"}},
+    }))
+
+    first = _build_json(config)
+    assert (first["neurons"], first["ok"], first["failed"], first["retried_failed"]) == (18, 0, 18, 0)
+    down = "summarizer failed: LLM request failed: HTTP 503, after 1 retry sent (max_retries = 1): model is loading"
+    assert _statuses(atlas) == {u: ("failed", down) for u in range(18)}
+    assert _cached_answers(atlas) == 0  # a failure is never cached
+    assert len(srv.chat_requests) == 36  # 18 neurons, each the first attempt and 1 retry
+
+    # back for the first half of the layer's neurons (the planted units' captions differ)
+    half = {u for u, _ in enumerate(range(18)) if u < 9}
+    asked: dict[str, int] = {}
+
+    def up_for_half(rec):
+        key = rec.messages[1]["content"]
+        asked.setdefault(key, len(asked))
+        return asked[key] in half
+
+    state["up"] = up_for_half
+    second = _build_json(config, "--no-cache")
+    assert (second["neurons"], second["ok"], second["failed"]) == (18, 9, 9)
+    assert (second["retried_failed"], second["still_failed"]) == (18, 9)
+    after = _statuses(atlas)
+    assert sorted(s for s, _ in after.values()) == ["failed"] * 9 + ["ok"] * 9
+    assert {r for s, r in after.values() if s == "failed"} == {down}
+    assert _cached_answers(atlas) == 9
+
+    state["up"] = lambda rec: True
+    third = _build_json(config)
+    assert (third["neurons"], third["ok"], third["failed"]) == (9, 9, 0)
+    assert (third["retried_failed"], third["still_failed"]) == (9, 0)
+    assert all(s == "ok" and r is None for s, r in _statuses(atlas).values())
+    assert _build_json(config)["neurons"] == 0  # nothing failed is left: a no-op

@@ -177,7 +177,7 @@ def test_search_matches_cli_json(base, atlas_dir, capsys):
     assert hits[0]["labels"] == ["red striped circle", "stripes"]
     assert hits[0]["matched_label"] == "red striped circle" and hits[0]["score"] == 0.9
     assert set(hits[0]) == {"model", "layer", "unit", "labels", "score", "similarity",
-                            "matched_label"}
+                            "matched_label", "fidelity_correlation", "fidelity_auprc"}
     # Exactly what `dnd-atlas search --json` prints.
     from query.cli import main
 

@@ -132,3 +132,13 @@ def test_claim(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputRefused, match="not a directory"):
         claim(tmp_path / "file")
+
+
+def test_layer_page_states_fidelity_against_chance():
+    from atlas_site.render import fidelity_line
+
+    line = fidelity_line({"label_correlation": 0.61, "shuffled_correlation": 0.02, "label_auprc": 0.5,
+                          "positive_fraction": 0.1, "sample_images": 500.0})
+    assert "over 500 sample images" in line and "0.610" in line and "shuffled among units: 0.020" in line
+    assert "AUPRC 0.500 (chance 0.100)" in line
+    assert fidelity_line({}) == "" and fidelity_line(None) == ""
