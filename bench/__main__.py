@@ -16,6 +16,7 @@ from bench import (
     embedder,
     fidelity,
     gpu_shapes,
+    hostile,
     pipeline,
     recording,
     search,
@@ -27,7 +28,8 @@ from bench import (
 BENCHES = {"recording": recording.run, "search": search.run, "search_1m": search.run_large,
            "pipeline": pipeline.run, "cost": cost.run, "site": site.run, "gpu_shapes": gpu_shapes.run,
            "embedder": embedder.run, "worlds": worlds.run, "dictionary": dictionary.run,
-           "cold_search": cold_search.run, "serve": serve.run, "fidelity": fidelity.run}
+           "cold_search": cold_search.run, "serve": serve.run, "fidelity": fidelity.run,
+           "hostile": hostile.run}
 
 
 def main(argv: list[str] | None = None) -> int:

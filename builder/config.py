@@ -68,6 +68,7 @@ class RecordConfig:
     summary: str = "mean"  # spatial mean (default) or max
     batch_size: int = 64
     num_workers: int = 0  # DataLoader workers reading the probe set
+    max_image_pixels: int = 89_478_485  # skip images declaring more pixels (0: no limit); builder.image_file
 
     def __post_init__(self) -> None:
         _positive(self, "top_k", "margin", "batch_size")

@@ -43,8 +43,10 @@ class Captioner(Backend):
     """Images (or crops) -> one caption each."""
 
     @abc.abstractmethod
-    def caption(self, items: Sequence[CaptionItem]) -> list[str]:
-        """Return one caption per item, in order."""
+    def caption(self, items: Sequence[CaptionItem]) -> list[str | None]:
+        """Return one caption per item, in order; None for an item the
+        backend has no caption for (a file missing from ``captions.jsonl``):
+        the pipeline describes the neuron from its other images."""
 
 
 class Summarizer(Backend):

@@ -9,6 +9,7 @@ returning ``(module, preprocess)`` or a module.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -39,6 +40,8 @@ class Target:
     device: torch.device
     input_size: tuple[int, int] | None = None  # (w, h) crops are resized to; None = native
     dtype: torch.dtype = torch.float32
+    # (w, h) every image is resized to before a preprocess that keeps each image's size (FitThen)
+    fit_size: tuple[int, int] | None = None
     # {layer: {"role": "output" | "planted", "concepts": [[term, ...] per unit]}}, when known
     ground_truth: dict[str, dict] = field(default_factory=dict)
 
@@ -108,7 +111,9 @@ def load_target(
 ) -> Target:
     """Load the target model ``spec`` with ``options`` onto ``device``.
     ``options["dictionaries"]`` attaches sparse autoencoders to layers
-    (see :mod:`builder.backends.sae`); ``options["input_size"]`` fixes the crop size."""
+    (see :mod:`builder.backends.sae`); ``options["input_size"]`` fixes the crop
+    size and, for a preprocess that keeps each image's size (the planted
+    models' ToTensor), the size every image is resized to first."""
     options = dict(options)
     input_size_opt = options.pop("input_size", None)
     dictionaries = options.pop("dictionaries", None)
@@ -123,12 +128,50 @@ def load_target(
     if preprocess is None:
         size = int(input_size_opt or 224)
         preprocess = imagenet_preprocess(size, round(size * 256 / 224))
-    input_size = (
-        (int(input_size_opt), int(input_size_opt)) if input_size_opt else _infer_input_size(preprocess)
-    )
+    native = _infer_input_size(preprocess)
+    input_size, fit = native, None
+    if input_size_opt:
+        input_size = (int(input_size_opt), int(input_size_opt))
+        if native is None:  # the preprocess keeps each image's size: images are fitted to the declared one
+            preprocess, fit = FitThen(preprocess, input_size), input_size
     gt = getattr(module, "ground_truth", None)
     return Target(name, module, preprocess, device, input_size=input_size, dtype=dtype,
-                  ground_truth=dict(gt) if isinstance(gt, dict) else {})
+                  ground_truth=dict(gt) if isinstance(gt, dict) else {}, fit_size=fit)
+
+
+class FitThen:
+    """A preprocess applied to images resized (bilinear) to ``size`` (w, h)
+    first, unless they have that size: for targets whose own preprocess keeps
+    each image's size, so every probe image gives one tensor size and a 1 x 1
+    or a 12000 x 12000 image cannot abort a batch. Picklable, for DataLoader
+    workers."""
+
+    def __init__(self, preprocess: Callable[[Image.Image], torch.Tensor], size: tuple[int, int]) -> None:
+        self.preprocess = preprocess
+        self.size = (int(size[0]), int(size[1]))
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        if image.size != self.size:
+            image = image.resize(self.size, Image.BILINEAR)
+        return self.preprocess(image)
+
+
+def fit_to_probe(target: Target, probe: Any) -> Target:
+    """``target`` itself when its preprocess gives one size (or it was fitted
+    to a declared ``input_size``); else a copy whose preprocess first resizes
+    every image to the most common image size of ``probe`` (a
+    ``builder.probe.ProbeSet``). A folder of one size is recorded as before;
+    an odd-sized image among them is resized to that size. Crops keep their
+    source image's size (``input_size`` stays None): only what enters the
+    model is fitted."""
+    if target.input_size is not None or target.fit_size is not None:
+        return target
+    size = probe.common_size()
+    if size is None:  # nothing readable: recording will say so
+        return target
+    log.info("target %s keeps each image's size: probe images are fitted to %d x %d (the most common size; "
+             "set target_options.input_size to choose another)", target.name, *size)
+    return dataclasses.replace(target, preprocess=FitThen(target.preprocess, size), fit_size=size)
 
 
 def _load(spec: str, options: dict[str, Any]) -> tuple[torch.nn.Module, Any]:

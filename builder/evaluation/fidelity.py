@@ -69,6 +69,8 @@ def evaluate_fidelity(view: AtlasView, opts: FidelityOptions | None = None) -> t
         if opts.model not in (None, m.name) or not any(k[0] == m.name for k in view.labels):
             continue
         sample = _held_out_sample(cfg, m, opts)
+        if sample is None:
+            raise BuildError(f"fidelity: no held-out probe image of model {m.name!r} can be read and captioned")
         n_images = max(n_images, len(sample.images))
         for layer in m.layers:
             units = {u: t for (mm, la, u), t in view.labels.items() if mm == m.name and la == layer}

@@ -264,7 +264,7 @@ class _CaptionSpace(_JointSpace):
         if missing:
             raise BuildError(
                 f"clip-dissect caption stand-in: {len(missing)} probe images have no caption in "
-                f"{probe.root / 'captions.jsonl'} (first: {missing[0]})"
+                f"{probe.root}'s captions.jsonl or metadata.jsonl (first: {missing[0]!r})"
             )
         return np.asarray(self.embedder.embed([caps[f] for f in files]), dtype=np.float32)
 
@@ -279,14 +279,13 @@ def joint_space(cfg: BuildConfig) -> _JointSpace:
         return _ClipSpace(
             create_backend(similarities, "clip", cfg.dissect.similarity_options, device=cfg.device)
         )
-    no_caps = [
-        m.name for m in cfg.models if not (ProbeSet.scan(m.probe).root / "captions.jsonl").is_file()
-    ]
+    no_caps = [m.name for m in cfg.models if not ProbeSet.scan(m.probe).has_captions()]
     if no_caps:
         raise BuildError(
             f'clip-dissect needs an image-text space: set dissect.similarity = "clip" (a CLIP model in '
-            f"dissect.similarity_options.model), or give every probe folder a captions.jsonl for the caption "
-            f"stand-in (missing for model {no_caps[0]!r}); the {cfg.dissect.similarity!r} similarity is not "
+            f"dissect.similarity_options.model), or give every probe folder a captions.jsonl or metadata.jsonl "
+            f"for the caption stand-in (missing for model {no_caps[0]!r}); the {cfg.dissect.similarity!r} "
+            "similarity is not "
             "a joint image-text space"
         )
     return _CaptionSpace(cfg.embedder)
@@ -398,8 +397,10 @@ class ClipDissectLabeler(Labeler):
         acts, kinds, valid = record_all(run.target, run.probe, m.layers, self.cache_dir / f"acts-{key[:32]}.npy",
                                         run.summary, m.vit_tokens, run.cfg.record.batch_size,
                                         run.cfg.record.num_workers)
-        return FullRecording(acts, kinds, valid, m.layers,
-                             int(valid.sum()) / max(1e-9, time.perf_counter() - t0), run.sample)
+        rec = FullRecording(acts, kinds, valid, m.layers,
+                            int(valid.sum()) / max(1e-9, time.perf_counter() - t0), run.sample)
+        rec.n_skipped += len(run.probe.rejected)  # entries the scan skipped (FIFOs, broken links) count too
+        return rec
 
     def fidelity_sample(self, run: ModelRun, rec: Recording) -> FidelitySample | None:
         """Presence from CLIP when the joint space is CLIP, else from the

@@ -45,35 +45,44 @@ def caption_key(evidence_key: str, captioner: Captioner) -> str:
     return content_key("caption", evidence_key, captioner.config_key())
 
 
+class NoCaption(Exception):
+    """What the cache hands back for an image the captioner has no caption
+    for (an Exception value is returned but never stored: asked again next build)."""
+
+
 def caption_items(
     run: ModelRun, captioner: Captioner, items: dict[str, CaptionItem | Callable[[], CaptionItem]]
-) -> tuple[dict[str, str], set[str]]:
+) -> tuple[dict[str, str | None], set[str]]:
     """One caption per evidence key (cached per image content, box and
     captioner; an item may be a function making it, called only when the
-    caption must be made); returns the captions and the keys made now."""
+    caption must be made), None where the captioner has none; returns the
+    captions and the keys made now."""
     keys = {k: caption_key(k, captioner) for k in items}
     bs = run.cfg.describe.batch_size
 
-    def compute(missing: list[str]) -> list[str]:
-        texts: list[str] = []
+    def compute(missing: list[str]) -> list[Any]:
+        texts: list[Any] = []
         for i in range(0, len(missing), bs):
             part = missing[i : i + bs]
             got = captioner.caption([it() if callable(it) else it for it in (items[k] for k in part)])
             if len(got) != len(part):
                 raise BuildError(f"captioner {captioner.name!r} returned {len(got)} captions for {len(part)} images")
-            texts += [str(t) for t in got]
+            texts += [NoCaption() if t is None else str(t) for t in got]
         return texts
 
     caps, fresh = run.cache.fetch("caption", keys, compute, encode=str.encode, decode=bytes.decode)
-    return caps, {k for k in items if keys[k] in fresh}
+    return ({k: None if isinstance(c, NoCaption) else c for k, c in caps.items()},
+            {k for k in items if keys[k] in fresh})
 
 
 def caption_evidence(
     run: ModelRun, captioner: Captioner, chunk: Sequence[NeuronKey],
     evidence: dict[NeuronKey, list[EvidenceItem]], images: dict[str, Image.Image], calls: Calls,
-) -> dict[NeuronKey, list[str]]:
+) -> dict[NeuronKey, list[str | None]]:
     """Step 2a: one caption per evidence item of every neuron of the chunk,
-    in evidence order; each distinct image is captioned once."""
+    in evidence order; each distinct image is captioned once. None where the
+    captioner has no caption (an image missing from ``captions.jsonl``): the
+    neuron is described from its other images."""
     item_of: dict[str, CaptionItem] = {}
     for n in chunk:
         for e in evidence[n]:
@@ -91,9 +100,10 @@ def caption_evidence(
 
 def caption_probe_images(
     run: ModelRun, captioner: Captioner, items: Sequence[EvidenceItem]
-) -> tuple[list[str], tuple[int, int]]:
-    """Captions of whole probe images (the fidelity sample), with the
-    (made, cached) captioner calls; shared with evidence captions by key."""
+) -> tuple[list[str | None], tuple[int, int]]:
+    """Captions of whole probe images (the fidelity sample; None where the
+    captioner has none), with the (made, cached) captioner calls; shared with
+    evidence captions by key."""
     keyed = {run.evidence_key(e): e for e in items}
     caps, fresh = caption_items(run, captioner, {
         k: (lambda e=e: CaptionItem(run.probe.open(e.image), run.probe.files[e.image], None))
@@ -103,11 +113,18 @@ def caption_probe_images(
 
 def propose_candidates(
     run: ModelRun, summarizer: Summarizer, chunk: Sequence[NeuronKey],
-    captions: dict[NeuronKey, list[str]], calls: Calls,
+    captions: dict[NeuronKey, list[str | None]], calls: Calls,
 ) -> tuple[dict[NeuronKey, list[str]], dict[NeuronKey, str]]:
-    """Step 2b: up to N normalized, distinct candidate concepts per neuron,
-    and the reason of every neuron the summarizer failed."""
+    """Step 2b: up to N normalized, distinct candidate concepts per neuron
+    (from the captions there are: None marks an image without one), and the
+    reason of every neuron the summarizer failed or that has no caption."""
     n_cand = run.cfg.describe.n_candidates
+    failures: dict[NeuronKey, str] = {}
+    for n in chunk:
+        if all(c is None for c in captions[n]):
+            failures[n] = f"the captioner has no caption for any of the neuron's {len(captions[n])} top images"
+    chunk = [n for n in chunk if n not in failures]
+    captions = {n: [c for c in captions[n] if c is not None] for n in chunk}
     keys = {n: content_key("summarize", captions[n], n_cand, summarizer.config_key()) for n in chunk}
     usage: dict[NeuronKey, dict[str, int]] = {}
 
@@ -121,7 +138,6 @@ def propose_candidates(
     got, fresh = run.cache.fetch("summarize", keys, compute, encode=lambda v: json.dumps(v).encode(),
                                  decode=json.loads)
     candidates: dict[NeuronKey, list[str]] = {}
-    failures: dict[NeuronKey, str] = {}
     asked: set[str] = set()
     for n in chunk:
         if n in usage:  # a remote summarizer counted its HTTP requests (re-asks too) and tokens

@@ -44,7 +44,7 @@ from builder.pipeline.dissect import (
 from builder.pipeline.fidelity import FidelitySample, build_sample, fidelity_candidates
 from builder.pipeline.labeler import Labeler, Recording
 from builder.pipeline.labels import Label, choose_by_fidelity, choose_labels, interpretability
-from builder.pipeline.record import LayerRecord, record_key, record_topk
+from builder.pipeline.record import LayerRecord, changed_sources, record_key, record_topk
 from builder.pipeline.records import Calls, ModelRun, ModelSummary, NeuronKey
 from builder.pipeline.write import evidence_rows, generated_thumbnail
 from query.embedder import get_embedder
@@ -147,6 +147,10 @@ class DnDLabeler(Labeler):
                stats: ModelSummary, fid: FidelitySample | None) -> list[NeuronResult]:
         """Steps 1-4 for one chunk of neurons, every model call batched across it."""
         calls = Calls(chunk, COUNTED_STAGES)
+        all_neurons = chunk
+        # a probe file that vanished or changed since recording fails the neurons showing it, not the build
+        gone = changed_sources(run.probe, rec.records, chunk, run.cfg.record.top_k)
+        chunk = [n for n in chunk if n not in gone]
         with stats.timed("crops"):
             ce = chunk_evidence(run, rec.records, chunk)
         evidence = ce.evidence
@@ -155,12 +159,15 @@ class DnDLabeler(Labeler):
         images = evidence_images(run, chunk, evidence)
         with stats.timed("caption"):
             captions = caption_evidence(run, captioner, chunk, evidence, images, calls)
+            stats.missing_captions += sum(c is None for n in chunk for c in captions[n])
         with stats.timed("summarize"):
             candidates, failures = propose_candidates(run, self.summarizer, chunk, captions, calls)
+            failures.update(gone)
         sources = {n: ["summarizer"] * len(c) for n, c in candidates.items()}
         if fid is not None:
             with stats.timed("fidelity"):
-                for n, extra in fidelity_candidates(fid, candidates, captions, run.cfg).items():
+                have = {n: [c for c in captions[n] if c is not None] for n in candidates}
+                for n, extra in fidelity_candidates(fid, candidates, have, run.cfg).items():
                     candidates[n] += [p for p, _ in extra]
                     sources[n] += [src for _, src in extra]
         with stats.timed("embed"):
@@ -173,7 +180,7 @@ class DnDLabeler(Labeler):
             texts = sorted({c for cands in candidates.values() for c in cands})
             text_emb = dict(zip(texts, self.similarity.embed_texts(texts))) if texts else {}
             results = []
-            for n in chunk:
+            for n in all_neurons:
                 max_act = float(rec.records[n[0]].max_act[n[1]])
                 if n in failures:
                     results.append(NeuronResult(run.name, n[0], n[1], "failed", failures[n], max_act,
@@ -183,7 +190,8 @@ class DnDLabeler(Labeler):
                 with stats.timed("fidelity"):
                     labels, cand_rows = self._labels(run, rec, n, candidates[n], sources[n], gen, probe_emb,
                                                      text_emb, fid)
-                keys = [caption_key(run.evidence_key(e), captioner) for e in evidence[n]]
+                keys = [caption_key(run.evidence_key(e), captioner) if c is not None else None
+                        for e, c in zip(evidence[n], captions[n])]
                 results.append(NeuronResult(
                     run.name, n[0], n[1], "ok", None, max_act, interpretability(probe_emb), labels, cand_rows,
                     evidence_rows(run, evidence[n], captions[n], keys, captioner.name, ce.heatmaps.get(n)),

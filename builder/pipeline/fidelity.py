@@ -23,6 +23,7 @@ judged: by the activation they explain beyond the labels already kept.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from builder.backends.extractive import singular, stopwords
+
+log = logging.getLogger(__name__)
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -221,7 +224,7 @@ def presence_mode(mode: str, similarity) -> str:
 
 
 def build_sample(run, images: np.ndarray, acts: dict[str, np.ndarray], captioner, similarity,
-                 embedder) -> FidelitySample:
+                 embedder) -> FidelitySample | None:
     """The model's fidelity sample from its recorded sample activations:
     presence from the joint space of ``similarity``, or from ``captioner``'s
     captions of the sample images compared by words and/or ``embedder``."""
@@ -232,6 +235,12 @@ def build_sample(run, images: np.ndarray, acts: dict[str, np.ndarray], captioner
 
     cfg = run.cfg.fidelity
     mode = presence_mode(cfg.presence, similarity)
+    # a sample image that vanished or changed since recording leaves the sample (its pixels are not the ones recorded)
+    keep = np.array([not run.probe.changed(int(i)) for i in images], bool)
+    if not keep.all():
+        images, acts = images[keep], {lay: a[keep] for lay, a in acts.items()}
+        if not len(images):
+            return None
     items = [EvidenceItem(int(i), None, 0.0) for i in images]
     if mode == "joint":
         if not getattr(similarity, "joint", False):
@@ -243,6 +252,14 @@ def build_sample(run, images: np.ndarray, acts: dict[str, np.ndarray], captioner
         presence = Presence("joint", len(items), embed_texts=similarity.embed_texts, vectors=vectors)
         return FidelitySample(images, acts, presence, cfg.positive_fraction)
     captions, calls = caption_probe_images(run, captioner, items)
+    has = np.array([c is not None for c in captions], bool)
+    if not has.all():  # an image the captioner has no caption for leaves the sample, as from a neuron's evidence
+        images, acts = images[has], {lay: a[has] for lay, a in acts.items()}
+        items = [e for e, h in zip(items, has) if h]
+        captions = [c for c in captions if c is not None]
+        if not items:
+            log.warning("%s: no fidelity sample image has a caption; labels get no fidelity", run.name)
+            return None
     vectors = embed_texts_cached(run, embedder, captions) if "embedding" in mode else None
     presence = Presence(mode, len(items), captions, embed_texts=embedder.embed, vectors=vectors)
     return FidelitySample(images, acts, presence, cfg.positive_fraction, calls)

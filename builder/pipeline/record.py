@@ -24,7 +24,7 @@ from builder.backends.layers import activation_maps, hooked, layer_kind, summari
 from builder.backends.targets import Target
 from builder.cache import content_key
 from builder.errors import BuildError
-from builder.pipeline.records import ModelRun
+from builder.pipeline.records import ModelRun, NeuronKey
 from builder.probe import ProbeSet
 from builder.progress import progress
 
@@ -90,7 +90,7 @@ class _ProbeDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         try:
             return i, self.preprocess(self.probe.open(i))
-        except Exception as exc:  # a corrupt file is skipped, never fatal
+        except Exception as exc:  # a corrupt, oversized or vanished file is skipped, never fatal
             log.warning("skipping %s: %s", self.probe.files[i], exc)
             return i, None
 
@@ -101,10 +101,10 @@ def _collate(batch):
     if not good:
         return torch.empty(0, dtype=torch.long), None, skipped
     shapes = {tuple(t.shape) for _, t in good}
-    if len(shapes) > 1:
+    if len(shapes) > 1:  # load_target / fit_to_probe fit images for a preprocess that keeps sizes
         raise BuildError(
-            "the target's preprocessing gives images of different sizes "
-            f"({sorted(shapes)[:2]}); set target_options.input_size"
+            "the target's preprocessing gives tensors of different shapes for probe images "
+            f"({', '.join(map(str, sorted(shapes)[:2]))}); its preprocess must give one size for any image"
         )
     return torch.tensor([i for i, _ in good]), torch.stack([t for _, t in good]), skipped
 
@@ -201,7 +201,8 @@ def record_topk(
     sample_vals: dict[str, np.ndarray] = {}
     kinds: dict[str, str] = {}
     has_maps: dict[str, bool] = {}
-    seen = skipped = peak = 0
+    seen = peak = 0
+    skipped = len(probe.rejected)  # entries the scan skipped (FIFOs, broken links) count as skipped images
     t0 = time.perf_counter()
     for indices, outs, n_skipped in probe_pass(target, probe, layers, batch_size, num_workers):
         skipped += n_skipped
@@ -259,6 +260,33 @@ def forward_summaries(
             for name in layers:
                 out[name].append(summarize(current[name], summary, vit_tokens).float().cpu().numpy())
     return {name: np.concatenate(v) if v else np.zeros((0, 0), np.float32) for name, v in out.items()}
+
+
+def changed_sources(
+    probe: ProbeSet, records: dict[str, LayerRecord], neurons: Sequence[NeuronKey], top_k: int
+) -> dict[NeuronKey, str]:
+    """The neurons whose top images (the ``top_k`` recorded ones, and any
+    tied with the k-th) vanished or changed since the probe set was scanned,
+    with the reason: crops, captions and thumbnails would read other pixels
+    than were recorded, so those neurons fail instead of the build."""
+    seen: dict[int, str | None] = {}
+    out: dict[NeuronKey, str] = {}
+    for n in neurons:
+        rec = records[n[0]]
+        vals, idx = rec.top_vals[n[1]], rec.top_idx[n[1]]
+        valid = [(float(v), int(i)) for v, i in zip(vals, idx) if i >= 0 and np.isfinite(v)]
+        if not valid:
+            continue
+        kth = valid[min(top_k, len(valid)) - 1][0]
+        for v, i in valid:
+            if v < kth:
+                break
+            if i not in seen:
+                seen[i] = probe.changed(i)
+            if seen[i]:
+                out[n] = f"{seen[i]} after recording"
+                break
+    return out
 
 
 def record_key(run: ModelRun) -> str:

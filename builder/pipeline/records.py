@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from builder.backends.targets import Target
-from builder.cache import ContentCache, content_key, file_digest
+from builder.cache import ContentCache, content_key
 from builder.config import BuildConfig, ModelConfig
 from builder.probe import ProbeSet
 
@@ -64,9 +64,10 @@ class ModelRun:
         return list(self.model.layers)
 
     def digest(self, image: int) -> str:
-        """sha256 of probe image ``image``'s bytes (read once per build)."""
+        """sha256 of probe image ``image``'s bytes (read once per build; a
+        file that vanished or changed since the scan raises ProbeFileChanged)."""
         if image not in self.digests:
-            self.digests[image] = file_digest(self.probe.path(image))
+            self.digests[image] = self.probe.digest(image)
         return self.digests[image]
 
     def image_size(self, image: int) -> tuple[int, int]:
@@ -113,6 +114,7 @@ class ModelSummary:
     retried: int = 0
     still_failed: int = 0
     skipped_images: int = 0
+    missing_captions: int = 0  # evidence rows the captioner had no caption for (precomputed, oracle)
     images_per_s: float = float("nan")
     calls: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
@@ -149,7 +151,8 @@ class BuildSummary:
                 {
                     "model": m.model, "neurons": m.neurons, "ok": m.ok, "dead": m.dead, "failed": m.failed,
                     "retried_failed": m.retried, "still_failed": m.still_failed,
-                    "skipped_images": m.skipped_images, "record_images_per_s": round(m.images_per_s, 1),
+                    "skipped_images": m.skipped_images, "missing_captions": m.missing_captions,
+                    "record_images_per_s": round(m.images_per_s, 1),
                     "calls_per_neuron": {
                         s: {"calls": round(c / max(1, m.ok), 2), "cached": round(h / max(1, m.ok), 2)}
                         for s, (c, h) in sorted(m.calls.items())
@@ -167,7 +170,8 @@ class BuildSummary:
             lines.append(
                 f"  {m.model}: {m.neurons} neurons written this run: {m.ok} ok, {m.dead} dead, "
                 f"{m.failed} failed; {m.skipped_images} probe images skipped; "
-                f"recording {m.images_per_s:.1f} images/s"
+                + (f"{m.missing_captions} evidence images without a caption; " if m.missing_captions else "")
+                + f"recording {m.images_per_s:.1f} images/s"
             )
             if m.retried:
                 lines.append(f"    {m.retried} neurons failed in an earlier run and were retried: "

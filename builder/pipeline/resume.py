@@ -11,13 +11,20 @@ dropped, so the corrected config is accepted.
 
 from __future__ import annotations
 
+import gzip
+import json
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 from builder.config import BuildConfig, comparable_fingerprint
 from builder.errors import BuildError
+from builder.pipeline.records import ModelRun
+from builder.probe import describe_changes
 from query.writer import AtlasWriter
 
+PROBE_META = "probe_sets"  # meta: {model: {root, files, skipped, fingerprint}} as first built
 log = logging.getLogger(__name__)
 
 
@@ -58,8 +65,9 @@ def _without_models(meta: dict[str, Any], models: set[str]) -> dict[str, Any]:
     for key in ("build_config", "build_fingerprint"):
         if isinstance(meta.get(key), dict):
             out[key] = {**meta[key], "models": [m for m in meta[key].get("models", []) if m.get("name") not in models]}
-    if isinstance(meta.get("ground_truth"), dict):
-        out["ground_truth"] = {k: v for k, v in meta["ground_truth"].items() if k not in models}
+    for key in ("ground_truth", PROBE_META):  # a dropped model's probe set is recorded anew when it is built
+        if isinstance(meta.get(key), dict):
+            out[key] = {k: v for k, v in meta[key].items() if k not in models}
     return out
 
 
@@ -109,3 +117,53 @@ def build_meta(cfg: BuildConfig, old: dict[str, Any], embedder: Any) -> dict[str
         "embedder_dim": int(embedder.dim),
         "dnd_atlas_format": FORMAT_VERSION,
     }
+
+
+def check_probe(writer: AtlasWriter, run: ModelRun) -> None:
+    """Refuse to go on with a model whose probe images changed since the
+    atlas was started (its neurons would describe two probe sets, and rows
+    written before would name files that are gone), in one line naming the
+    files added, removed or changed. A model's first build records its probe
+    set: the fingerprint of its files in the meta, their list beside the cache."""
+    sets = dict(writer.meta().get(PROBE_META) or {})
+    probe, fp = run.probe, run.probe.files_fingerprint()
+    old = sets.get(run.name)
+    if old is None:
+        _save_manifest(run, fp)
+        sets[run.name] = {"root": str(probe.root), "files": len(probe), "skipped": len(probe.rejected),
+                          "fingerprint": fp}
+        writer.set_meta(**{PROBE_META: sets})
+        return
+    if old.get("fingerprint") == fp:
+        return
+    before = _load_manifest(run, str(old.get("fingerprint")))
+    if before is None:
+        changes = (f"it holds {len(probe)} image files, {old.get('files')} when the atlas was started (their "
+                   "list is gone with the cache, so the changes cannot be named)")
+    else:
+        changes = describe_changes(before, probe.manifest()) or "its files' sizes or times changed"
+    raise BuildError(
+        f"the probe folder of model {run.name!r} ({probe.root}) changed since the atlas at {run.cfg.out} was "
+        f"started: {changes}; restore it to resume, or build into a new --out"
+    )
+
+
+def _manifest_path(run: ModelRun, fingerprint: str) -> Path:
+    return Path(run.cache.path).parent / "probe-manifests" / f"{fingerprint[:32]}.json.gz"
+
+
+def _save_manifest(run: ModelRun, fingerprint: str) -> None:
+    """The probe set's files with their size and mtime, written atomically
+    beside the cache, so a later resume can name what changed."""
+    path = _manifest_path(run, fingerprint)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(gzip.compress(json.dumps(run.probe.manifest()).encode()))
+    os.replace(tmp, path)
+
+
+def _load_manifest(run: ModelRun, fingerprint: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(gzip.decompress(_manifest_path(run, fingerprint).read_bytes()))
+    except (OSError, ValueError, EOFError):  # gone with the cache, or unreadable: the counts are still told
+        return None

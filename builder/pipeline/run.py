@@ -18,7 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from builder.atlas_embedder import carried_embedder_meta
-from builder.backends.targets import load_target, resolve_device, resolve_dtype, target_fingerprint
+from builder.backends.targets import (
+    fit_to_probe,
+    load_target,
+    resolve_device,
+    resolve_dtype,
+    target_fingerprint,
+)
 from builder.cache import ContentCache
 from builder.config import BuildConfig, ModelConfig
 from builder.errors import ConfigError
@@ -29,7 +35,7 @@ from builder.pipeline.labeler import Labeler, Recording
 from builder.pipeline.neurons import check_units, is_dead, todo_neurons
 from builder.pipeline.plan import unit_counts
 from builder.pipeline.records import BuildSummary, ModelRun, ModelSummary, NeuronKey
-from builder.pipeline.resume import build_meta, check_resume
+from builder.pipeline.resume import build_meta, check_probe, check_resume
 from builder.pipeline.write import remove_stale_temp_files, with_label_vectors
 from builder.probe import ProbeSet
 from builder.progress import progress
@@ -86,7 +92,8 @@ def load_model(cfg: BuildConfig, m: ModelConfig, cache: ContentCache, images_dir
     target.check_layers(m.layers)
     if m.units:  # before recording: units that select nothing are a config error, not an empty build
         check_units(m, unit_counts(target, m.layers))
-    probe = ProbeSet.scan(m.probe)
+    probe = ProbeSet.scan(m.probe, max_pixels=cfg.record.max_image_pixels)
+    target = fit_to_probe(target, probe)  # a preprocess that keeps sizes gets one size for every image
     sample = (choose_sample(len(probe), cfg.fidelity.sample_size, cfg.fidelity.seed) if cfg.fidelity.enabled
               else np.zeros(0, np.int64))
     return ModelRun(cfg, m, target, probe, target_fingerprint(target, m.target, m.target_options),
@@ -100,6 +107,7 @@ def _build_model(
     writer.release()  # loading and recording take long: let other processes read meanwhile
     with stats.timed("load"):
         run = load_model(cfg, m, cache, writer.dir / "images")
+        check_probe(writer, run)  # a resume whose probe folder changed is refused, naming the changes
     with stats.timed("record"):
         rec = labeler.record(run, stats)
         _write_model(run, rec, labeler, writer)

@@ -38,7 +38,8 @@ class OracleCaptioner(Captioner):
         """Name plus the world manifest (n, size, seed, format version)."""
         return {"name": self.name, "world": self.manifest}
 
-    def _key(self, source: str) -> str:
+    def _find(self, source: str) -> str | None:
+        """The index key of ``source``, None when the world did not render it."""
         p = Path(source)
         if p.is_absolute():
             try:
@@ -48,7 +49,11 @@ class OracleCaptioner(Captioner):
                     f"oracle captioner: {source!r} is not inside the probe set {self.root}"
                 ) from None
         key = p.as_posix()
-        if key not in self._index:
+        return key if key in self._index else None
+
+    def _key(self, source: str) -> str:
+        key = self._find(source)
+        if key is None:
             raise BackendError(
                 f"oracle captioner: {source!r} is not an image of the probe set {self.root}"
             )
@@ -58,11 +63,16 @@ class OracleCaptioner(Captioner):
         """The scene rendered in probe file ``source``."""
         return self._index[self._key(source)][0]
 
-    def caption(self, items: Sequence[CaptionItem]) -> list[str]:
-        """One exact caption per item (the crop's when ``item.box`` is set)."""
-        out = []
+    def caption(self, items: Sequence[CaptionItem]) -> list[str | None]:
+        """One exact caption per item (the crop's when ``item.box`` is set);
+        None for an image the world did not render (a file someone added to
+        the folder): the neuron is described from its other images."""
+        out: list[str | None] = []
         for item in items:
-            key = self._key(item.source)
+            key = self._find(item.source)
+            if key is None:
+                out.append(None)
+                continue
             scene = self._index[key][0]
             if key not in self._truth:
                 self._truth[key] = load_truth(self.root, key)

@@ -95,3 +95,40 @@ def test_vit_tokens_summaries_and_maps():
     maps = activation_maps(out)
     assert maps.shape == (2, 3, 2, 2)
     assert maps[0, 1, 0, 0] == out[0, 1, 1]
+
+
+# -- hostile probe folders: odd sizes never abort a batch, skips are counted ---------
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("spec", ["planted", "demo-cnn"])
+def test_recording_a_hostile_folder_counts_every_skip(tmp_path, spec):
+    from builder.backends.targets import fit_to_probe, load_target
+    from testkit.hostile import add_hostile_entries
+
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    entries = add_hostile_entries(tmp_path / "wild")
+    probe = ProbeSet.scan(tmp_path)
+    target = fit_to_probe(load_target(spec, spec, {}, torch.device("cpu")), probe)
+    layer = "detectors" if spec == "planted" else "fc"
+    records, stats = record_topk(target, probe, [layer], top_m=5, batch_size=4)
+    n_read = sum(e.outcome == "read" for e in entries)
+    assert stats.images == 6 + n_read  # the 1 x 1, CMYK, 16-bit, palette, GIF and rotated images are recorded
+    assert stats.skipped == sum(e.outcome in ("rejected", "skipped") for e in entries)
+    assert records[layer].top_idx.max() < len(probe)
+
+
+def test_changed_sources_fails_only_the_neurons_showing_the_file(probe):
+    from builder.pipeline.record import changed_sources
+
+    target = Target("tiny", Tiny().eval(), to_tensor, torch.device("cpu"))
+    records, _ = record_topk(target, probe, ["fc"], top_m=6)
+    rec = records["fc"]
+    victim = int(rec.top_idx[0, 0])
+    (probe.root / probe.files[victim]).unlink()
+    gone = changed_sources(probe, records, [("fc", u) for u in range(4)], top_k=2)
+    users = {u for u in range(4) if victim in rec.top_idx[u, :2]}
+    assert set(gone) == {("fc", u) for u in users} and ("fc", 0) in gone
+    assert gone[("fc", 0)] == f"probe file {probe.files[victim]!r} vanished after recording"
