@@ -247,14 +247,14 @@ def test_big_layer_pages_sorts_and_keeps_state_in_url(server, page):
     first = int(units(page)[0])
     assert scores[first] == max(s for s in scores if s is not None)
     page.click(".atlas-next")
-    page.wait_for_function("document.querySelector('.atlas-pager').textContent.includes('page 2')")
+    page.wait_for_function("document.querySelector('.atlas-pager')?.textContent?.includes('page 2')")
     assert "sort=-score" in page.url and "page=2" in page.url
     word = index["values"]["label"][5].split()[0]
     expected = sum(word in t for t in index["text"])
     page.fill(".atlas-filter", word)
-    page.wait_for_function(f"document.querySelector('.atlas-count').textContent.startsWith('{expected} of')")
+    page.wait_for_function(f"document.querySelector('.atlas-count')?.textContent?.startsWith('{expected} of')")
     page.reload()                                     # the view is in the URL
-    page.wait_for_function(f"document.querySelector('.atlas-count').textContent.startsWith('{expected} of')")
+    page.wait_for_function(f"document.querySelector('.atlas-count')?.textContent?.startsWith('{expected} of')")
     assert page.input_value(".atlas-filter") == word
     assert page.errors == []
 
@@ -319,7 +319,7 @@ def test_keyword_search_reaches_a_neuron(server, page):
     assert "keyword search" in page.inner_text(".atlas-search-status")
     page.fill(".atlas-search-input", "nothing-like-this")
     page.press(".atlas-search-input", "Enter")
-    page.wait_for_function("document.querySelector('.atlas-search-status').textContent.startsWith('No neuron')")
+    page.wait_for_function("document.querySelector('.atlas-search-status')?.textContent?.startsWith('No neuron')")
     assert page.errors == []
 
 
