@@ -19,7 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-import types
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -36,6 +35,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from query.classify_jobs import NOT_FOUND
 from query.errors import AtlasError, AtlasNotFound, QueryError
 from query.server import SearchUnavailable, ServeError, ServeOptions, bind, create_app, error_status
+from testkit.blocked_imports import NO_TORCH, blocking_preamble
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -645,18 +645,8 @@ def test_error_status_mapping():
 
 # -- startup and the CLI handlers --------------------------------------------------------
 
-NO_TORCH = r"""
+NO_TORCH = blocking_preamble((*NO_TORCH, "builder")) + r"""
 import json, sys, threading, time, urllib.error, urllib.request
-
-BLOCKED = ("torch", "sentence_transformers", "transformers", "builder")
-
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ImportError(f"{name} is blocked in this test")
-        return None
-
-sys.meta_path.insert(0, Block())
 import uvicorn
 from query.server import bind, create_app
 

@@ -6,19 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from testkit.blocked_imports import blocking_preamble
+
 ROOT = Path(__file__).resolve().parents[3]
 
-SCRIPT = r"""
+SCRIPT = blocking_preamble() + r"""
 import sys
-BLOCKED = ("torch", "sentence_transformers", "transformers")
-
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ImportError(f"{name} is blocked in this test")
-        return None
-
-sys.meta_path.insert(0, Block())
 import query
 from query.cli import main
 from query import Atlas, QueryError
@@ -57,17 +50,8 @@ def test_query_works_without_torch(make_atlas):
     assert record["labels"][0]["text"] == "red circle"
 
 
-SEARCH_SCRIPT = r"""
+SEARCH_SCRIPT = blocking_preamble() + r"""
 import json, sys
-BLOCKED = ("torch", "sentence_transformers", "transformers")
-
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ImportError(f"{name} is blocked in this test")
-        return None
-
-sys.meta_path.insert(0, Block())
 from query.cli import main
 
 rc = main(["search", sys.argv[1], sys.argv[2], "-k", "3", "--json"])

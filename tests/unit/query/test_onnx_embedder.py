@@ -19,6 +19,7 @@ import pytest
 
 from query import onnx_embedder as oe
 from query.errors import AtlasError, FormatVersionError
+from testkit.blocked_imports import blocking_preamble
 from testkit.labels import QUERIES, make_labels
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -203,17 +204,8 @@ def test_corrupt_files_are_caught(onnx_fp32, tmp_path):
     assert "\n" not in str(err.value) and isinstance(err.value, AtlasError)
 
 
-NO_TORCH = r"""
+NO_TORCH = blocking_preamble() + r"""
 import json, sys
-BLOCKED = ("torch", "sentence_transformers", "transformers")
-
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ImportError(f"{name} is blocked in this test")
-        return None
-
-sys.meta_path.insert(0, Block())
 from query.onnx_embedder import OnnxEmbedder
 emb = OnnxEmbedder(sys.argv[1])
 vecs = emb.embed(json.loads(sys.argv[2]))
