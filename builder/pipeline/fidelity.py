@@ -283,10 +283,11 @@ def fidelity_candidates(sample: FidelitySample, candidates: dict[tuple[str, int]
     sample.presence.of(sorted({c for cs in candidates.values() for c in cs}))  # one embedding batch
     if not k:
         return {n: [] for n in candidates}
+    phrases_of = {n: caption_phrases(captions[n]) for n in candidates}
     tops: dict[tuple[str, int], list[str]] = {}
     for n, cands in candidates.items():
         have = set(cands)
-        phrases = [p for p in caption_phrases(captions[n]) if p not in have]
+        phrases = [p for p in phrases_of[n] if p not in have]
         if not phrases:
             tops[n] = []
             continue
@@ -301,35 +302,45 @@ def fidelity_candidates(sample: FidelitySample, candidates: dict[tuple[str, int]
         best = max((f.correlation for f in sample.score(candidates[n], *n)), default=0.0)
         scored = sorted(zip(top, sample.score(top, *n)), key=lambda t: -t[1].correlation)
         out[n] = [p for p, f in scored if f.correlation > best + cfg.labels.generality_margin][:k]
-    complements = {n: _complements(sample, n, candidates[n] + out[n], captions[n], k, cfg) for n in candidates}
+    pools = {n: _complement_pool(sample, n, candidates[n] + out[n], phrases_of[n], k) for n in candidates}
+    sample.presence.of(sorted({p for pool in pools.values() if pool for p in pool[1]}))  # one batch
+    complements = {n: _complements(sample, n, pool, k, cfg.labels.generality_margin) if pool else []
+                   for n, pool in pools.items()}
     return {n: [(p, "fidelity") for p in out[n]] + [(p, "complement") for p in complements[n]] for n in candidates}
 
 
-def _complements(sample: FidelitySample, n: tuple[str, int], cands: list[str], captions: list[str], k: int,
-                 cfg) -> list[str]:
-    """Up to ``k`` caption phrases that explain activation the neuron's best
-    candidate leaves unexplained: presence of either raises the set's
-    fidelity by ``labels.generality_margin`` (a "teal or coral" unit whose
-    summary only said "coral"). Ranked by word presence first, like the
-    single phrases."""
-    from builder.backends.extractive import caption_phrases
+def _complement_pool(sample: FidelitySample, n: tuple[str, int], cands: list[str], phrases: list[str],
+                     k: int) -> tuple[str, list[str]] | None:
+    """The neuron's best candidate and the ``3k`` caption phrases that, with
+    it, best explain the activation by word presence alone (no embedding):
+    the phrases worth a full presence as its complements."""
     from builder.pipeline.labels import nested
 
     fids = sample.score(cands, *n)
     if not fids:
-        return []
-    i = int(np.argmax([f.correlation for f in fids]))
-    base, base_fid = cands[i], fids[i].correlation
+        return None
+    base = cands[int(np.argmax([f.correlation for f in fids]))]
     have = set(cands)
-    phrases = [p for p in caption_phrases(captions) if p not in have and not nested(p, base)]
-    if not phrases:
-        return []
-    rough_rows = np.maximum(sample.presence.words(phrases), sample.presence.words([base]))
+    pool = [p for p in phrases if p not in have and not nested(p, base)]
+    if not pool:
+        return None
+    rough_rows = np.maximum(sample.presence.words(pool), sample.presence.words([base]))
     rough = correlations(rough_rows, sample.activations(*n))
-    top = [phrases[j] for j in np.argsort(-rough, kind="stable")[: 3 * k]]
-    gains = [(sample.set_score([base, p], *n).correlation - base_fid, p) for p in top]
+    return base, [pool[j] for j in np.argsort(-rough, kind="stable")[: 3 * k]]
+
+
+def _complements(sample: FidelitySample, n: tuple[str, int], pool: tuple[str, list[str]], k: int,
+                 margin: float) -> list[str]:
+    """Up to ``k`` phrases of the pool that explain activation the neuron's
+    best candidate leaves unexplained: presence of either raises the set's
+    fidelity by ``margin`` (a "teal or coral" unit whose summary only said
+    "coral")."""
+    base, top = pool
+    base_fid = sample.score([base], *n)[0].correlation
+    rows = np.maximum(sample.presence.of(top), sample.presence.of([base]))
+    gains = [(f.correlation - base_fid, p) for p, f in zip(top, sample.score_rows(rows, *n))]
     gains.sort(key=lambda t: -t[0])
-    return [p for g, p in gains if g > cfg.labels.generality_margin][:k]
+    return [p for g, p in gains if g > margin][:k]
 
 
 def with_fidelity(results: Sequence, sample: FidelitySample) -> list:
