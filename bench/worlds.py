@@ -13,7 +13,9 @@ World ``shapes`` builds the demo's config (``demo-cnn`` conv3, conv4, fc and
 ``planted`` detectors); world ``marks`` builds ``bench/marks_world.toml``
 (``planted-marks`` detectors and ``marks-cnn`` conv1-conv4, fc). Each atlas
 is scored by ``dnd-atlas eval``'s synthetic protocol (MPNet cosine included).
-Keys: ``worlds_<world>_<build>_<metric>``. Set ``DND_ATLAS_BENCH_DIR`` to
+Keys: ``worlds_<world>_<build>_<metric>``, and per world
+``worlds_<world>_presence_<mode>_{true,gap}_<metric>`` (the true concepts'
+held-out fidelity with each presence mode, on the ``dnd`` atlas). Set ``DND_ATLAS_BENCH_DIR`` to
 keep the atlases (and ``units.json``, every unit's concepts and labels)
 there instead of in a temporary folder.
 """
@@ -73,6 +75,13 @@ def _metrics(ev: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def presence_figures(atlas: Path, prefix: str) -> dict[str, float]:
+    """Which caption-based presence ranks the world's images best (``bench/fidelity.py``)."""
+    from bench.fidelity import presence_figures as figures
+
+    return figures(atlas, prefix)
+
+
 def build_and_eval(world: str, build: str, root: Path) -> tuple[dict[str, Any], list[dict]]:
     """Build ``world``'s atlas variant ``build`` under ``root`` and score it."""
     from builder.config import BuildConfig, apply_override
@@ -105,6 +114,7 @@ def run() -> dict[str, Any]:
                 units[f"{world}-{build}"] = per_unit
                 for key, value in metrics.items():
                     out[f"worlds_{world}_{build}_{key}"] = _round(value)
+            out.update(presence_figures(root / f"{world}-dnd", f"worlds_{world}_presence"))
         if keep:
             (root / "units.json").write_text(json.dumps(units, indent=1))
     return out
