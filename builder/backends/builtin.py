@@ -39,3 +39,10 @@ BUILTIN_BACKENDS: dict[str, dict[str, str]] = {
         "sentence": "builder.backends.clip:SentenceSimilarity",
     },
 }
+
+# Dictionaries a config may name that are made on first use (no weights in the
+# repository): name -> the ``module:callable`` taking the name, returning the folder.
+GENERATED_DICTIONARIES: dict[str, str] = {
+    "demo-cnn-conv4": "builder.synthetic.dictionaries:generated_dictionary",
+    "planted-mixed": "builder.synthetic.dictionaries:generated_dictionary",
+}

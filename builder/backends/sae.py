@@ -349,7 +349,9 @@ def detach_dictionaries(module: nn.Module) -> None:
 def resolve_dictionary_path(path: str, base: str | Path | None = None) -> Path:
     """The file or folder ``path`` names: as given (relative to ``base`` or
     the working directory), else a folder shipped in ``data/sae/`` (the
-    installed data package's, then the repository's)."""
+    installed data package's, then the repository's), else one of the
+    synthetic world's dictionaries (``builder.synthetic.dictionaries``,
+    made on first use)."""
     p = Path(path).expanduser()
     if not p.is_absolute() and base is not None:
         p = Path(base) / p
@@ -361,6 +363,11 @@ def resolve_dictionary_path(path: str, base: str | Path | None = None) -> Path:
         for shipped in (data_path("sae", path), Path(__file__).resolve().parents[1] / "data" / "sae" / path):
             if shipped.exists():
                 return shipped
+        from builder.backends.builtin import GENERATED_DICTIONARIES
+        from builder.backends.registry import load_callable
+
+        if path in GENERATED_DICTIONARIES:  # the synthetic world's, made on first use
+            return load_callable(GENERATED_DICTIONARIES[path])(path)
     raise DictionaryError(
         f"dictionary {path!r} not found (a SAELens folder, a state-dict file, or a name in data/sae/)"
     )

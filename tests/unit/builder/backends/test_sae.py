@@ -429,3 +429,17 @@ def test_attach_dictionaries_resolves_relative_paths_against_base(tmp_path):
     write_saelens(tmp_path / "dicts" / "one", {"d_in": 2, "d_sae": 3}, hand_weights())
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))
     assert attach_dictionaries(model, [{"layer": "0", "path": "dicts/one"}], base=tmp_path) == ["sae.0"]
+
+
+def test_synthetic_dictionaries_are_made_once_into_the_cache(tmp_path, monkeypatch):
+    from builder.backends.sae import resolve_dictionary_path
+
+    monkeypatch.setenv("DND_ATLAS_CACHE", str(tmp_path))
+    folder = resolve_dictionary_path("planted-mixed")
+    assert folder.parent == tmp_path / "sae" and (folder / "sae_weights.safetensors").is_file()
+    stamp = (folder / "sae_weights.safetensors").stat().st_mtime_ns
+    assert resolve_dictionary_path("planted-mixed") == folder  # made once
+    assert (folder / "sae_weights.safetensors").stat().st_mtime_ns == stamp
+    assert not list((tmp_path / "sae").glob(".*.tmp"))
+    with pytest.raises(DictionaryError, match="not found"):
+        resolve_dictionary_path("no-such-dictionary")
