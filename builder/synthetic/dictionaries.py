@@ -5,8 +5,10 @@ CPU thread, bit for bit the same for a given seed) and ``planted-mixed``
 (the planted dictionary, written from its definition) are generated once
 into ``$DND_ATLAS_CACHE/sae/`` (default ``~/.cache/dnd-atlas/sae/``) the
 first time a config names them, so no weights live in the repository. The
-folder's name carries a hash of the code that makes it: changing that code
-makes a new one.
+folder's name carries a hash of the code that makes it and of the files
+it is made from (the module's ``made_from()``, when it has one: the demo
+dictionary's are the demo CNN's weights and the code rendering its scenes):
+changing any of them makes a new one.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def generated_dictionary(name: str) -> Path | None:
 
     module_name, func = GENERATED[name]
     module = importlib.import_module(module_name)
-    digest = hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()[:12]
+    digest = _digest([Path(module.__file__), *getattr(module, "made_from", list)()])
     folder = cache_root() / "sae" / f"{name}-{digest}"
     if (folder / "cfg.json").is_file():
         return folder
@@ -52,3 +54,11 @@ def generated_dictionary(name: str) -> Path | None:
         if not (folder / "cfg.json").is_file():
             raise
     return folder
+
+
+def _digest(paths: list[Path]) -> str:
+    """12 hex digits of the sha256 of the files ``paths``, in order."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]

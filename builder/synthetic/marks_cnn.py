@@ -12,10 +12,8 @@ committed weights in ``data/marks_cnn/marks_cnn.pt`` are reproduced by::
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,28 +23,23 @@ import torch
 from PIL import Image
 from torch import nn
 
-from builder.errors import BackendError
 from builder.synthetic import marks
-from builder.synthetic.demo_cnn import AvgMaxPool
+from builder.synthetic.small_cnn import (
+    AvgMaxPool,
+    batch_inputs,
+    conv_block,
+    image_input,
+    load_half_state,
+    save_half_state,
+    shipped_weights,
+    train_multilabel,
+)
 
 log = logging.getLogger(__name__)
 
 OUTPUT_CONCEPTS: list[str] = [*marks.SHAPES, *marks.COLORS, *marks.MARKS]
 IMAGE_SIZE = marks.IMAGE_SIZE
-MEAN = (0.5, 0.5, 0.5)
-STD = (0.25, 0.25, 0.25)
 WEIGHTS_NAME = "marks_cnn.pt"
-
-
-def _block(cin: int, cout: int, pool: bool, kernel: int = 3, stride: int = 1) -> nn.Sequential:
-    layers: list[nn.Module] = [
-        nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False),
-        nn.BatchNorm2d(cout),
-        nn.ReLU(inplace=True),
-    ]
-    if pool:
-        layers.append(nn.MaxPool2d(2))
-    return nn.Sequential(*layers)
 
 
 class MarksCNN(nn.Module):
@@ -59,10 +52,10 @@ class MarksCNN(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv1 = _block(3, 12, pool=True, kernel=5, stride=2)
-        self.conv2 = _block(12, 32, pool=True)
-        self.conv3 = _block(32, 64, pool=True)
-        self.conv4 = _block(64, 96, pool=False)
+        self.conv1 = conv_block(3, 12, pool=True, kernel=5, stride=2)
+        self.conv2 = conv_block(12, 32, pool=True)
+        self.conv3 = conv_block(32, 64, pool=True)
+        self.conv4 = conv_block(64, 96, pool=False)
         self.pool = AvgMaxPool()
         self.fc = nn.Linear(192, len(OUTPUT_CONCEPTS))
         # output unit i detects OUTPUT_CONCEPTS[i] (marks world): for `dnd-atlas eval`
@@ -82,18 +75,7 @@ class MarksCNN(nn.Module):
 def preprocess(image: Image.Image) -> torch.Tensor:
     """PIL image -> normalized float tensor (3, 128, 128): resize to 128x128
     if needed, ToTensor, then (x - 0.5) / 0.25 per channel."""
-    image = image.convert("RGB")
-    if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-        image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
-    t = torch.from_numpy(np.ascontiguousarray(np.array(image))).permute(2, 0, 1).float() / 255.0
-    return _normalize(t)
-
-
-def _normalize(x: torch.Tensor) -> torch.Tensor:
-    """(..., 3, H, W) in [0, 1] -> (x - MEAN) / STD."""
-    mean = torch.tensor(MEAN).view(3, 1, 1)
-    std = torch.tensor(STD).view(3, 1, 1)
-    return (x - mean) / std
+    return image_input(image, IMAGE_SIZE)
 
 
 def scene_labels(scene: marks.MarksScene, truth: marks.MarksTruth) -> np.ndarray:
@@ -125,76 +107,14 @@ def make_dataset(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(xs).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(ys)
 
 
-def _inputs(x_uint8: torch.Tensor) -> torch.Tensor:
-    return _normalize(x_uint8.float().div_(255.0))
-
-
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve of ``scores`` for binary ``labels`` (ties
-    count half), from the rank-sum statistic."""
-    from scipy.stats import rankdata
-
-    pos = labels >= 0.5
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = rankdata(scores)
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, object]:
-    """Per-label accuracy (threshold 0.5) and AUROC, and their means."""
-    model.eval()
-    probs = torch.cat(
-        [torch.sigmoid(model(_inputs(x[i : i + 256]))) for i in range(0, len(x), 256)]
-    )
-    p, t = probs.numpy(), y.numpy()
-    acc = ((p >= 0.5) == (t >= 0.5)).mean(axis=0)
-    aucs = [auroc(p[:, j], t[:, j]) for j in range(t.shape[1])]
-    return {
-        "per_label_accuracy": {c: round(float(a), 4) for c, a in zip(OUTPUT_CONCEPTS, acc)},
-        "per_label_auroc": {c: round(float(a), 4) for c, a in zip(OUTPUT_CONCEPTS, aucs)},
-        "per_label_positive_rate": {
-            c: round(float(r), 4) for c, r in zip(OUTPUT_CONCEPTS, t.mean(0))
-        },
-        "mean_accuracy": float(acc.mean()),
-        "mean_auroc": float(np.nanmean(aucs)),
-    }
-
-
-def _train_epoch(model, opt, sched, x_tr, y_tr, batch_size, g) -> float:
-    lossf = nn.BCEWithLogitsLoss()
-    model.train()
-    perm = torch.randperm(len(x_tr), generator=g)
-    total = 0.0
-    for i in range(0, len(x_tr), batch_size):
-        idx = perm[i : i + batch_size]
-        xb, yb = _inputs(x_tr[idx]), y_tr[idx]
-        # the 8 rotations/flips of the square keep every label (objects are at
-        # random angles; a slash turned by 90 degrees is still called a slash)
-        k = int(torch.randint(0, 4, (1,), generator=g).item())
-        xb = torch.rot90(xb, k, dims=(2, 3))
-        if torch.rand(1, generator=g).item() < 0.5:
-            xb = xb.flip(3)
-        loss = lossf(model(xb), yb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        total += loss.item() * len(idx)
-    return total / len(x_tr)
-
-
-def _save_state(model: nn.Module, out: Path) -> None:
-    """Float16 state_dict, written atomically."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, out)
+def turns_and_flips(xb: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """One of the 8 rotations/flips of the square: they keep every label
+    (objects are at random angles; a slash turned by 90 degrees is still called a slash)."""
+    k = int(torch.randint(0, 4, (1,), generator=g).item())
+    xb = torch.rot90(xb, k, dims=(2, 3))
+    if torch.rand(1, generator=g).item() < 0.5:
+        xb = xb.flip(3)
+    return xb
 
 
 def train_marks_cnn(
@@ -217,65 +137,28 @@ def train_marks_cnn(
     t_data = time.time() - t0
     log.info("rendered %d train + %d val scenes in %.1fs", n_train, n_val, t_data)
     model = MarksCNN()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    steps = epochs * ((n_train + batch_size - 1) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.2)
-    g = torch.Generator().manual_seed(seed)
-    for epoch in range(epochs):
-        loss = _train_epoch(model, opt, sched, x_tr, y_tr, batch_size, g)
-        val = evaluate(model, x_va[:500], y_va[:500])["mean_auroc"]
-        log.info(
-            "epoch %d loss %.4f val auroc %.4f (%.0fs)", epoch + 1, loss, val, time.time() - t0
-        )
-    metrics = evaluate(model, x_va, y_va)
+    metrics = train_multilabel(model, (x_tr, y_tr), (x_va, y_va), OUTPUT_CONCEPTS, turns_and_flips,
+                               inputs=batch_inputs, epochs=epochs, batch_size=batch_size, seed=seed)
     metrics.update(
         train_seconds=round(time.time() - t0, 1),
         cpu_seconds=round(time.process_time() - cpu0, 1),  # all threads: wall time on a busy machine says little
-        data_seconds=round(t_data, 1),
-        n_train=n_train,
-        n_val=n_val,
-        epochs=epochs,
-        seed=seed,
+        data_seconds=round(t_data, 1), n_train=n_train, n_val=n_val, epochs=epochs, seed=seed,
         threads=threads,
     )
-    out = Path(out_path)
-    _save_state(model, out)
-    metrics_path = out.with_name("metrics.json")
-    tmp = metrics_path.with_name("metrics.json.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    os.replace(tmp, metrics_path)
+    save_half_state(model, Path(out_path), metrics)
     return metrics
 
 
 def default_weights_path() -> Path:
-    """Where the committed weights live: inside the installed
-    ``dnd_atlas_data`` package, or the repo's ``data/`` folder."""
-    try:
-        from importlib.resources import files
-
-        p = Path(str(files("dnd_atlas_data") / "marks_cnn" / WEIGHTS_NAME))
-        if p.is_file():
-            return p
-    except (ImportError, ModuleNotFoundError, TypeError):
-        pass
-    return Path(__file__).resolve().parents[2] / "data" / "marks_cnn" / WEIGHTS_NAME
+    """Where the committed weights live (``data/marks_cnn/``, or the installed data package)."""
+    return shipped_weights("marks_cnn", WEIGHTS_NAME)
 
 
 def load_marks_cnn(weights: str | Path | None = None) -> MarksCNN:
     """The marks CNN in eval mode with weights from ``weights`` (default:
     the committed ones)."""
     path = Path(weights) if weights is not None else default_weights_path()
-    if not path.is_file():
-        raise BackendError(
-            f"marks CNN weights not found at {path}; train them with "
-            "`python -m builder.synthetic.marks_cnn --out data/marks_cnn/marks_cnn.pt`"
-        )
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model = MarksCNN()
-    model.load_state_dict(
-        {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
-    )
-    return model.eval()
+    return load_half_state(MarksCNN(), path, __name__)
 
 
 def marks_cnn(

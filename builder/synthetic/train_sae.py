@@ -30,12 +30,20 @@ from pathlib import Path
 import torch
 
 from builder.backends.sae import EncoderConfig, SparseAutoencoder, save_saelens
+from builder.synthetic import demo_cnn, small_cnn, world
 from builder.synthetic.demo_cnn import load_demo_cnn, make_dataset
 
 log = logging.getLogger(__name__)
 
 NAME = "demo-cnn-conv4"
 HOST_LAYER = "conv4"
+
+
+def made_from() -> list[Path]:
+    """What the dictionary is trained from besides this module: the demo CNN's
+    weights and the code rendering and preparing its scenes
+    (:mod:`builder.synthetic.dictionaries` hashes them into the cache folder's name)."""
+    return [demo_cnn.default_weights_path(), *(Path(m.__file__) for m in (demo_cnn, small_cnn, world))]
 
 
 @dataclass(frozen=True)
