@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from query.embedder import BATCH_SIZE, normalize
+from query.embedder import BATCH_SIZE, normalize, threads_for
 from query.errors import AtlasError, FormatVersionError
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,6 @@ ATLAS_EMBEDDER_DIR = "embedder"  # the folder's name inside an atlas
 ATLAS_META_KEY = "embedder_onnx"  # the atlas meta entry describing that folder (carried_meta)
 BUILD_EXTRA = "pip install 'dnd-atlas[build]'"
 POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len_tokens")
-SMALL_BATCH = 64  # up to this many texts run on one thread (see threads_for)
 TOKEN_BUDGET = 4096  # tokens per onnxruntime call, padding included (BATCH_SIZE texts at most)
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 _ENCODING_FIELD = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
@@ -185,23 +184,6 @@ def read_manifest(folder: str | os.PathLike[str], verify: bool = False) -> Embed
         if verify and sha256_file(p) != f.sha256:
             raise EmbedderError(f"ONNX embedder {folder}: {f.path} does not match its sha256")
     return manifest
-
-
-def threads_for(n_texts: int) -> int:
-    """Intra-op onnxruntime threads for embedding ``n_texts``.
-
-    ``$DND_ATLAS_EMBED_THREADS`` when set; else 1 for query-sized batches and
-    half the cores for bulk ones, as :func:`query.embedder._threads_for`.
-    Measured on 2 cores shared by a dozen processes: 200 labels took 36 s on
-    one thread and 705 s on two (each parallel step waits for a descheduled
-    peer).
-    """
-    env = os.environ.get("DND_ATLAS_EMBED_THREADS")
-    if env:
-        return max(1, int(env))
-    if n_texts <= SMALL_BATCH:
-        return 1
-    return max(1, (os.cpu_count() or 2) // 2)
 
 
 class OnnxEmbedder:

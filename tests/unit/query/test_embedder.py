@@ -40,9 +40,9 @@ def test_unknown_names(tmp_path):
 def test_small_batches_use_one_thread(monkeypatch):
     monkeypatch.delenv("DND_ATLAS_EMBED_THREADS", raising=False)
     monkeypatch.setattr(emb.os, "cpu_count", lambda: 8)
-    assert emb._threads_for(1) == 1 and emb._threads_for(emb.SMALL_BATCH + 1) == 4
+    assert emb.threads_for(1) == 1 and emb.threads_for(emb.SMALL_BATCH + 1) == 4
     monkeypatch.setenv("DND_ATLAS_EMBED_THREADS", "3")
-    assert emb._threads_for(1) == 3
+    assert emb.threads_for(1) == 3
 
 
 def test_concat_reader_reads_split_zip(tmp_path):

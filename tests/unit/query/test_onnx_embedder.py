@@ -250,12 +250,15 @@ def test_batches_respect_the_token_budget():
     assert first[:2] == [256, 256] and len(first) == oe.TOKEN_BUDGET // 256
 
 
-def test_threads_for_query_and_bulk(monkeypatch):
+def test_queries_run_on_one_thread_and_bulk_on_half_the_cores(onnx_fp32, monkeypatch):
     monkeypatch.delenv("DND_ATLAS_EMBED_THREADS", raising=False)
-    monkeypatch.setattr(oe.os, "cpu_count", lambda: 8)
-    assert oe.threads_for(1) == 1 and oe.threads_for(oe.SMALL_BATCH + 1) == 4
-    monkeypatch.setenv("DND_ATLAS_EMBED_THREADS", "3")
-    assert oe.threads_for(1) == 3
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    emb = oe.OnnxEmbedder(onnx_fp32[0])  # its own sessions
+    emb.embed(["one query"])
+    assert list(emb._sessions) == [1]
+    emb.embed([f"label {i}" for i in range(oe.BATCH_SIZE + 1)])
+    assert sorted(emb._sessions) == [1, 2]
+    assert emb._sessions[2].get_session_options().intra_op_num_threads == 2
 
 
 def _st_folder(tmp_path: Path, modules: list[str], pooling: dict, prompt: str | None = None) -> Path:
