@@ -64,27 +64,11 @@ def attention_boxes(
     iou_image: float = 0.8,
     min_size: int = 4,
     min_fraction: float = 0.0,
-) -> list[Box]:
-    """Crop boxes for one image, largest first (at most ``max_boxes``).
-
-    Returns [] for a flat map (nothing to threshold)."""
-    return attention_boxes_counted(act_map, width, height, max_boxes, iou_keep, iou_image, min_size,
-                                   min_fraction)[0]
-
-
-def attention_boxes_counted(
-    act_map: np.ndarray,
-    width: int,
-    height: int,
-    max_boxes: int = 4,
-    iou_keep: float = 0.5,
-    iou_image: float = 0.8,
-    min_size: int = 4,
-    min_fraction: float = 0.0,
 ) -> tuple[list[Box], int]:
-    """:func:`attention_boxes` and how many boxes it dropped for being
-    smaller than ``min_fraction`` of the image's side (a few pixels of a
-    large image are no evidence: no captioner can say what they show)."""
+    """Crop boxes for one image, largest first (at most ``max_boxes``), and how
+    many boxes were dropped for being smaller than ``min_fraction`` of the
+    image's side (a few pixels of a large image are no evidence: no captioner
+    can say what they show). ``([], 0)`` for a flat map (nothing to threshold)."""
     up = upsample(act_map, width, height)
     lo, hi = float(up.min()), float(up.max())
     if not np.isfinite(hi - lo) or hi - lo <= 1e-12:
@@ -267,7 +251,7 @@ def _attention_crops(
                         got[(n, i)] = amap
                         if not cfg.enabled:
                             continue
-                        boxes, dropped = attention_boxes_counted(amap, w, h, cfg.max_crops, cfg.iou_keep,
+                        boxes, dropped = attention_boxes(amap, w, h, cfg.max_crops, cfg.iou_keep,
                                                                  cfg.iou_image, cfg.min_size, cfg.min_fraction)
                         small[n] += dropped
                         for box in boxes:

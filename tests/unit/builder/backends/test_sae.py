@@ -396,13 +396,13 @@ def test_the_planted_dictionary_recovers_the_detectors_exactly():
 
 
 def test_the_shipped_demo_dictionary_loads_and_reconstructs_conv4():
-    from builder.synthetic.demo_cnn import _to_input
+    from builder.synthetic.small_cnn import array_input
     from builder.synthetic.train_sae import evaluate_sae
 
     target = load_target("cnn", "demo-cnn", {"dictionaries": [{"layer": "conv4", "path": "demo-cnn-conv4"}]}, CPU)
     sae = target.module.get_submodule("sae.conv4")
     assert (sae.config.d_in, sae.config.d_sae, sae.config.activation, sae.config.k) == (128, 256, "topk", 8)
-    x = torch.stack([_to_input(im.permute(1, 2, 0).mul(255).round().byte().numpy()) for im in planted_batch(16, 5)])
+    x = torch.stack([array_input(im.permute(1, 2, 0).mul(255).round().byte().numpy()) for im in planted_batch(16, 5)])
     got: dict[str, torch.Tensor] = {}
     with hooked(target.module, ["conv4", "sae.conv4"], got.__setitem__), torch.inference_mode():
         target.module(x)

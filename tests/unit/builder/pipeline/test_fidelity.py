@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from builder.config import DescribeConfig, LabelConfig
-from builder.pipeline.crops import _top_k, attention_boxes_counted
+from builder.pipeline.crops import _top_k, attention_boxes
 from builder.pipeline.fidelity import (
     FidelitySample,
     Presence,
@@ -158,9 +158,9 @@ def test_small_crops_are_dropped_and_counted():
     m = np.zeros((32, 32), np.float32)
     m[2:4, 2:4] = 1.0  # 2/32 of the side: under 10%
     m[12:26, 10:24] = 1.0  # large
-    boxes, small = attention_boxes_counted(m, 320, 320, min_size=4, min_fraction=0.1)
+    boxes, small = attention_boxes(m, 320, 320, min_size=4, min_fraction=0.1)
     assert len(boxes) == 1 and small == 1
-    boxes, small = attention_boxes_counted(m, 320, 320, min_size=4, min_fraction=0.0)
+    boxes, small = attention_boxes(m, 320, 320, min_size=4, min_fraction=0.0)
     assert len(boxes) == 2 and small == 0
 
 
