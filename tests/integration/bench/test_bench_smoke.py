@@ -52,3 +52,15 @@ def test_cold_search_bench_starts_the_onnx_path_without_torch():
     out = run(rounds=1)
     assert 0 < float(out["cold_search_cpu_s_onnx"]) < float(out["cold_search_cpu_s_st"])
     assert float(out["cold_search_rss_mb_onnx"]) < float(out["cold_search_rss_mb_st"])
+
+
+@pytest.mark.slow
+def test_large_search_bench_searches_through_the_embedder_the_merged_atlas_carries():
+    from bench.search import run_large
+
+    out = run_large(n_labels=3000, n_queries=5)
+    assert out["search_labels_1m"] == "3000"
+    assert out["search_embed_ms_1m"].endswith("(OnnxEmbedder)")  # merge kept the shards' embedder
+    assert float(out["search_recall_at_10_1m"]) == 1.0  # 3,000 labels: an exact index
+    for key in ("search_p50_ms_1m", "search_p50_ms_1m_no_embed", "search_p50_ms_1m_st_embedder"):
+        assert float(out[key]) > 0, key
