@@ -30,17 +30,10 @@ import pytest
 from atlas_site.data import layer_path
 from atlas_site.runtime import find_runtime
 from query import Atlas
+from testkit.chromium import ARTIFACTS, chromium_context, require_chromium
 
-CHROMIUM = Path("/usr/bin/chromium")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 LOAD_TIMEOUT_MS = 120_000
-
-if not CHROMIUM.exists():
-    pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium chromium-driver)",
-                allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+require_chromium()  # skips this module without Chromium or Playwright
 
 # A demo-like vocabulary: few distinct label texts on many neurons (ties everywhere);
 # "zebra pattern" is the only striped concept and shares no word with "stripes".
@@ -157,14 +150,8 @@ class _Capture(logging.Handler):
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    with sync_api.sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")),
-            executable_path=str(CHROMIUM), headless=True, args=FLAGS)
-        try:
-            yield context
-        finally:
-            context.close()
+    with chromium_context(tmp_path_factory.mktemp("chromium-profile")) as context:
+        yield context
 
 
 # When each engine first answered, in ms since the page's navigation started.
