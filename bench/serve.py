@@ -28,14 +28,13 @@ searches (distinct concept queries, k=10) and neuron records:
 
 from __future__ import annotations
 
+import contextlib
 import os
-import re
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -97,40 +96,19 @@ def neuron_paths(shape: BenchAtlas, n: int = 600) -> list[str]:
     return [f"/neurons/resnet/layer{1 + i % shape.n_layers}/{u}" for i, u in enumerate(units)]
 
 
-def start_server(atlas: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
-    """A server process on a free loopback port; returns it and its URL once it answers."""
+@contextlib.contextmanager
+def bench_server(atlas: Path, max_batch: int) -> Iterator[str]:
+    """A server process on a free loopback port, warmed up; yields its URL, stops it on exit."""
     from testkit.http_load import load
+    from testkit.served import serving
 
     env = {**os.environ, "DND_ATLAS_PROGRESS": "0", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "bench.serve", "--child", str(atlas), str(max_batch)],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-    deadline = time.monotonic() + 300
-    url = None
-    while url is None and time.monotonic() < deadline:
-        line = proc.stderr.readline()  # type: ignore[union-attr]
-        if not line:
-            raise RuntimeError("the bench server exited before it listened")
-        match = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
-        url = match.group(1) if match else None
-    if url is None:
-        raise RuntimeError("the bench server did not start")
-    # keep reading its log (the access log) so that the pipe never fills
-    import threading
-
-    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # type: ignore[union-attr]
-    warm = load(url, search_paths(20), clients=2, seconds=30, max_requests=20)
-    if warm.errors:
-        raise RuntimeError(f"the bench server fails: {warm.failures[:3]}")
-    return proc, url
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    argv = [sys.executable, "-m", "bench.serve", "--child", str(atlas), str(max_batch)]
+    with serving(argv, env=env, stop_timeout=60) as (url, _):
+        warm = load(url, search_paths(20), clients=2, seconds=30, max_requests=20)
+        if warm.errors:
+            raise RuntimeError(f"the bench server fails: {warm.failures[:3]}")
+        yield url
 
 
 def _load_lines(url: str, shape: BenchAtlas, search: str, neurons: str | None) -> dict[str, str]:
@@ -228,17 +206,11 @@ def run() -> dict[str, str]:
         for tag in tags:
             atlas = tmp / f"atlas-{tag}"
             make_search_atlas(atlas, SHAPES[tag], tmp / "embedder")
-            proc, url = start_server(atlas, max_batch=64)
-            try:
+            with bench_server(atlas, max_batch=64) as url:
                 out.update(_load_lines(url, SHAPES[tag], f"serve_{tag}_search", f"serve_{tag}_neurons"))
-            finally:
-                stop_server(proc)
             if tag == "demo":
-                proc, url = start_server(atlas, max_batch=1)
-                try:
+                with bench_server(atlas, max_batch=1) as url:
                     out.update(_load_lines(url, SHAPES[tag], "serve_demo_search_unbatched", None))
-                finally:
-                    stop_server(proc)
             else:
                 out.update(_duckdb_costs(atlas))
                 out.update(_snapshot_cost(atlas, tmp))

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -27,10 +25,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from builder.atlas_embedder import export_atlas_embedder
 from query.onnx_embedder import ATLAS_EMBEDDER_DIR, ATLAS_META_KEY
 from testkit.atlases import hits_difference, search_hits, write_spec_atlas
+from testkit.served import serving
 
 pytestmark = pytest.mark.slow
 
@@ -129,34 +129,21 @@ def test_site(venv, atlas, work):
     assert list((site / "images").rglob("*.webp")), "the evidence thumbnails were not published"
 
 
-def test_serve(venv, atlas, minilm):
-    proc = subprocess.Popen([str(venv / "bin" / "dnd-atlas"), "serve", str(atlas), "--port", "0"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=_env(venv), cwd=venv.parent)
-    try:
-        base = _served_at(proc)
+def test_serve(venv, atlas, work, minilm):
+    (work / "sets" / "dogs" / "dog").mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8)).save(work / "sets" / "dogs" / "dog" / "0.png")
+    argv = [str(venv / "bin" / "dnd-atlas"), "serve", str(atlas), "--port", "0",
+            "--classify-root", str(work / "sets")]
+    with serving(argv, env=_env(venv), cwd=venv.parent, start_timeout=120, stop_timeout=60) as (base, _):
         hits = _get(f"{base}/search?q=red+circle&k=4")
         assert hits_difference([hits], search_hits(atlas, ["red circle"], k=4, embedder=minilm)) is None
         assert {m["model"] for m in _get(f"{base}/models")} == {"cnn", "vit"}
         assert _get(f"{base}/neurons/vit/blocks.3/0")["labels"][0]["text"] == "dog face"
         req = urllib.request.Request(f"{base}/classify", method="POST", headers={"Content-Type": "application/json"},
-                                     data=json.dumps({"concept": "dog", "images": str(atlas)}).encode())
-        with pytest.raises(urllib.error.HTTPError) as err:
+                                     data=json.dumps({"concept": "dog", "images": "dogs"}).encode())
+        with pytest.raises(urllib.error.HTTPError) as err:  # classify is on, but the builder is not installed
             urllib.request.urlopen(req, timeout=60)
         assert err.value.code == 501 and "classify needs the builder" in err.value.read().decode()
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
-
-
-def _served_at(proc: subprocess.Popen) -> str:
-    deadline = time.time() + 120
-    for line in proc.stderr:  # type: ignore[union-attr]
-        found = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
-        if found:
-            return found.group(1)
-        assert time.time() < deadline, "the server did not start"
-    raise AssertionError(f"the server exited ({proc.wait()})")
 
 
 def _get(url: str):

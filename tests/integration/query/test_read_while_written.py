@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -29,6 +28,7 @@ pytest.importorskip("uvicorn")
 from builder.synthetic.probe import write_probe_set
 from testkit.atlas_tables import tables
 from testkit.http_load import load
+from testkit.served import serving
 
 REPO = Path(__file__).resolve().parents[3]
 ENV = {"DND_ATLAS_PROGRESS": "0", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
@@ -71,33 +71,14 @@ def _get(url: str) -> tuple[int, object]:
 
 @contextlib.contextmanager
 def _serve(atlas: Path, snapshots: Path):
-    proc = subprocess.Popen([sys.executable, "-m", "query.cli", "serve", str(atlas), "--port", "0",
-                             "--refresh", "0.5", "--snapshot-dir", str(snapshots)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **ENV}, cwd=REPO)
-    log: list[str] = []
-    try:
-        url = None
+    argv = [sys.executable, "-m", "query.cli", "serve", str(atlas), "--port", "0", "--refresh", "0.5",
+            "--snapshot-dir", str(snapshots)]
+    with serving(argv, env={**os.environ, **ENV}, cwd=REPO) as (url, log):
         deadline = time.monotonic() + 300
-        while url is None:
-            line = proc.stderr.readline()  # type: ignore[union-attr]
-            assert line and time.monotonic() < deadline, "".join(log)
-            log.append(line)
-            match = re.search(r"on (http://127\.0\.0\.1:\d+) ", line)
-            url = match.group(1) if match else None
-        reader = threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
-        reader.start()
         while _get(url + "/models")[0] != 200:
-            assert time.monotonic() < deadline
+            assert time.monotonic() < deadline, "".join(log)
             time.sleep(0.05)
         yield url, log
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_serve_search_and_writers_share_the_atlas(tmp_path):
