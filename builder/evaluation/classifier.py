@@ -348,7 +348,7 @@ class LabelSpace:
         out = []
         for j in range(len(concepts)):
             col = best[:, j]
-            order = np.argsort(-col, kind="stable")
+            order = _tie_order(col)
             top = col[order[0]]
             n_tied = int(np.sum(col >= top - TIE_EPS))
             chosen = order[: max(k, n_tied)]
@@ -361,6 +361,15 @@ class LabelSpace:
                 ranked.append(RankedNeuron(m, lay, u, float(col[o]), matched, self.neuron_labels[o]))
             out.append(ranked)
         return out
+
+
+def _tie_order(col: np.ndarray) -> np.ndarray:
+    """Indices of ``col`` best first; a run of values each within
+    :data:`TIE_EPS` of the next is one tie, kept in index order (two embedders
+    or two batches can give equal descriptions similarities a few ulp apart)."""
+    order = np.argsort(-col, kind="stable")
+    tie_group = np.concatenate([[0], np.cumsum(np.diff(-col[order]) > TIE_EPS)])
+    return order[np.lexsort((order, tie_group))]
 
 
 def rank_neurons(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
+
 from builder.atlas_embedder import carry_embedder
 from builder.evaluation.classifier import LabelSpace, rank_neurons
 from query import Atlas
@@ -34,3 +36,11 @@ def test_label_space_uses_the_carried_embedder_and_ranks_as_sentence_transformer
         assert [round(r.similarity, 4) for r in onnx] == [round(r.similarity, 4) for r in st]
     dog = rank_neurons(atlas, "dog", k=1)
     assert {r.unit for r in dog} == {0, 3}  # both tied neurons kept, as the protocol averages them
+
+
+def test_similarities_a_few_ulp_apart_are_one_tie_in_index_order():
+    from builder.evaluation.classifier import TIE_EPS, _tie_order
+
+    col = np.array([0.5, 0.9 - TIE_EPS / 4, 0.2, 0.9, 0.9 - TIE_EPS / 2, 0.9 - 3 * TIE_EPS], dtype=np.float64)
+    assert _tie_order(col).tolist() == [1, 3, 4, 5, 0, 2]
+    assert _tie_order(np.array([0.1, 0.3, 0.3, 0.2])).tolist() == [1, 2, 3, 0]  # no ties: by value
