@@ -40,9 +40,9 @@ BUILTIN_BACKENDS: dict[str, dict[str, str]] = {
     },
 }
 
-# Dictionaries a config may name that are made on first use (no weights in the
-# repository): name -> the ``module:callable`` taking the name, returning the folder.
+# Dictionaries a config may name that are made on first use, exactly, from their
+# definition (no weights in the repository): name -> the ``module:callable``
+# taking the name, returning the folder. Trained ones ship in data/sae/.
 GENERATED_DICTIONARIES: dict[str, str] = {
-    "demo-cnn-conv4": "builder.synthetic.dictionaries:generated_dictionary",
     "planted-mixed": "builder.synthetic.dictionaries:generated_dictionary",
 }

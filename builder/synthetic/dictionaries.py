@@ -1,14 +1,13 @@
-"""The synthetic world's dictionaries, made on first use instead of shipped.
+"""The synthetic world's dictionaries that are made on first use, not shipped.
 
-``demo-cnn-conv4`` (the demo's TopK SAE, trained in about a minute on one
-CPU thread, bit for bit the same for a given seed) and ``planted-mixed``
-(the planted dictionary, written from its definition) are generated once
-into ``$DND_ATLAS_CACHE/sae/`` (default ``~/.cache/dnd-atlas/sae/``) the
-first time a config names them, so no weights live in the repository. The
-folder's name carries a hash of the code that makes it and of the files
-it is made from (the module's ``made_from()``, when it has one: the demo
-dictionary's are the demo CNN's weights and the code rendering its scenes):
-changing any of them makes a new one.
+``planted-mixed`` (the planted dictionary, written exactly from its
+definition) is generated once into ``$DND_ATLAS_CACHE/sae/`` (default
+``~/.cache/dnd-atlas/sae/``) the first time a config names it. The folder's
+name carries a hash of the code that makes it: changing that code makes a
+new one. Trained dictionaries (``demo-cnn-conv4``) ship in ``data/sae/``
+instead: training on another CPU gives other float rounding, hence other
+weights and other labels, so they are made once and committed, as the demo
+CNN's weights are.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ log = logging.getLogger(__name__)
 # name -> (module, function writing the SAELens folder at a path); the names are
 # listed in builder.backends.builtin.GENERATED_DICTIONARIES, which sends them here
 GENERATED = {
-    "demo-cnn-conv4": ("builder.synthetic.train_sae", "write_demo_sae"),
     "planted-mixed": ("builder.synthetic.planted_dictionary", "write_planted_dictionary"),
 }
 
@@ -39,13 +37,13 @@ def generated_dictionary(name: str) -> Path | None:
 
     module_name, func = GENERATED[name]
     module = importlib.import_module(module_name)
-    digest = _digest([Path(module.__file__), *getattr(module, "made_from", list)()])
+    digest = hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()[:12]
     folder = cache_root() / "sae" / f"{name}-{digest}"
     if (folder / "cfg.json").is_file():
         return folder
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    log.info("making the dictionary %r once, in %s (about a minute for demo-cnn-conv4)", name, folder)
+    log.info("making the dictionary %r once, in %s", name, folder)
     getattr(module, func)(tmp)
     try:
         os.replace(tmp, folder)
@@ -55,10 +53,3 @@ def generated_dictionary(name: str) -> Path | None:
             raise
     return folder
 
-
-def _digest(paths: list[Path]) -> str:
-    """12 hex digits of the sha256 of the files ``paths``, in order."""
-    h = hashlib.sha256()
-    for path in paths:
-        h.update(path.read_bytes())
-    return h.hexdigest()[:12]

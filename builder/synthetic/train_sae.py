@@ -3,7 +3,7 @@ CNN's ``conv4`` activations, at every spatial position, over synthetic scenes.
 
 The committed SAELens folder ``data/sae/demo-cnn-conv4`` is reproduced (on
 the CPU, in well under a minute, deterministic by seed for a given thread
-count) by::
+count and kind of CPU: another instruction set rounds differently) by::
 
     python -m builder.synthetic.train_sae --out data/sae/demo-cnn-conv4
 
@@ -30,20 +30,12 @@ from pathlib import Path
 import torch
 
 from builder.backends.sae import EncoderConfig, SparseAutoencoder, save_saelens
-from builder.synthetic import demo_cnn, small_cnn, world
 from builder.synthetic.demo_cnn import load_demo_cnn, make_dataset
 
 log = logging.getLogger(__name__)
 
 NAME = "demo-cnn-conv4"
 HOST_LAYER = "conv4"
-
-
-def made_from() -> list[Path]:
-    """What the dictionary is trained from besides this module: the demo CNN's
-    weights and the code rendering and preparing its scenes
-    (:mod:`builder.synthetic.dictionaries` hashes them into the cache folder's name)."""
-    return [demo_cnn.default_weights_path(), *(Path(m.__file__) for m in (demo_cnn, small_cnn, world))]
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,9 @@ from builder.synthetic import dictionaries
 
 
 def _fake_generator(tmp_path: Path, monkeypatch) -> tuple[list[Path], Path]:
-    """A generator module writing a one-file SAELens folder, made from ``weights``."""
+    """A generator module (its code in ``source``) writing a one-file SAELens folder."""
     source = tmp_path / "fake_gen.py"
     source.write_text("# the generating code\n")
-    weights = tmp_path / "weights.pt"
-    weights.write_bytes(b"v1")
     calls: list[Path] = []
 
     def write(folder: Path) -> None:
@@ -23,11 +21,10 @@ def _fake_generator(tmp_path: Path, monkeypatch) -> tuple[list[Path], Path]:
     module = types.ModuleType("fake_gen")
     module.__file__ = str(source)
     module.write = write
-    module.made_from = lambda: [weights]
     monkeypatch.setitem(sys.modules, "fake_gen", module)
     monkeypatch.setitem(dictionaries.GENERATED, "fake", ("fake_gen", "write"))
     monkeypatch.setenv("DND_ATLAS_CACHE", str(tmp_path / "cache"))
-    return calls, weights
+    return calls, source
 
 
 def test_made_once_then_reused(tmp_path, monkeypatch):
@@ -38,10 +35,10 @@ def test_made_once_then_reused(tmp_path, monkeypatch):
     assert first.parent == tmp_path / "cache" / "sae" and not list(first.parent.glob(".*tmp"))
 
 
-def test_changed_inputs_make_a_new_folder(tmp_path, monkeypatch):
-    calls, weights = _fake_generator(tmp_path, monkeypatch)
+def test_changed_code_makes_a_new_folder(tmp_path, monkeypatch):
+    calls, source = _fake_generator(tmp_path, monkeypatch)
     first = dictionaries.generated_dictionary("fake")
-    weights.write_bytes(b"v2")  # retrained weights: the old dictionary no longer fits them
+    source.write_text("# the generating code, changed\n")  # the old dictionary is not what it makes now
     second = dictionaries.generated_dictionary("fake")
     assert second != first and len(calls) == 2
 
@@ -52,8 +49,11 @@ def test_other_names_are_not_generated(tmp_path, monkeypatch):
     assert not (tmp_path / "sae").exists()
 
 
-def test_the_demo_dictionary_is_keyed_by_the_demo_cnn_weights():
-    from builder.synthetic import train_sae
-    from builder.synthetic.demo_cnn import default_weights_path
 
-    assert default_weights_path() in train_sae.made_from()
+def test_the_trained_demo_dictionary_ships_and_the_planted_one_is_generated():
+    from builder.backends.builtin import GENERATED_DICTIONARIES
+    from builder.backends.sae import resolve_dictionary_path
+
+    shipped = resolve_dictionary_path("demo-cnn-conv4")
+    assert shipped.parts[-3:] == ("data", "sae", "demo-cnn-conv4") and (shipped / "sae_weights.safetensors").is_file()
+    assert "demo-cnn-conv4" not in dictionaries.GENERATED and set(GENERATED_DICTIONARIES) == set(dictionaries.GENERATED)
