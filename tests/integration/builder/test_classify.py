@@ -17,6 +17,7 @@ import tomli_w
 
 from builder.commands.classify import add_classify_arguments, run_classify
 from builder.evaluation.classifier import (
+    TIE_EPS,
     NeuronScore,
     classify,
     classify_all,
@@ -83,7 +84,8 @@ def test_the_red_neuron_found_by_description_is_an_exact_classifier(atlas, label
     assert res.run.n_images == PER_CLASS * len(COLORS)
     assert len(s.candidates) >= 5
     sims = [c.similarity for c in s.candidates]
-    assert sims == sorted(sims, reverse=True)
+    # best first; neurons tied within TIE_EPS (equal descriptions) in unit order
+    assert all(a >= b - TIE_EPS for a, b in zip(sims, sims[1:]))
     red = {c.unit: c for c in s.candidates if c.tied_top}
     assert RED_UNIT in red, "the planted red detector should share the top similarity"
     assert red[RED_UNIT].auroc > 0.99
