@@ -185,6 +185,8 @@
       status.textContent = summary(res);
       list.setAttribute("data-engine", res.engine);  // for tests and styles: who answered what
       list.setAttribute("data-query", query);
+      list.setAttribute("data-model", (filters && filters.model) || "");  // the filters it answered
+      list.setAttribute("data-layer", (filters && filters.layer) || "");
       if (!res.pending) return null;
       var loading = engines.filter(function (e) { return e.ready && !e.ready(); })[0];
       Promise.resolve(loading && loading.size ? loading.size() : 0).then(function (bytes) {

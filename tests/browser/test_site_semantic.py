@@ -191,10 +191,10 @@ def search_ui(tab, query: str, model: str | None = None, layer: str | None = Non
     tab.select_option(".atlas-search-model", model or "")
     tab.select_option(".atlas-search-layer", layer or "")
     tab.press(".atlas-search-input", "Enter")
-    tab.wait_for_function(
-        "([q, e]) => { const l = document.querySelector('.atlas-search-results');"
-        " return l.dataset.query === q && l.dataset.engine === e; }",
-        arg=[query, engine], timeout=LOAD_TIMEOUT_MS)
+    tab.wait_for_function(  # the answer to this query with these filters, not an earlier one
+        "([q, e, m, l]) => { const r = document.querySelector('.atlas-search-results');"
+        " return r.dataset.query === q && r.dataset.engine === e && r.dataset.model === m && r.dataset.layer === l; }",
+        arg=[query, engine, model or "", layer or ""], timeout=LOAD_TIMEOUT_MS)
     return hits_shown(tab)
 
 
